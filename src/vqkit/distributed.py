@@ -76,3 +76,13 @@ def init_from_env() -> torch.device:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not is_distributed():
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,158 @@
+"""Training configuration: dataclasses, YAML presets and ``key=value`` overrides.
+
+A run is described by one TrainConfig, saved as ``DIR/train_config.json``. Presets live in ``vqkit/configs/*.yaml``
+and hold only the keys they change; everything else keeps the dataclass default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..models.tokenizer import VQModelConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The preset a newcomer gets when they name only the data.
+DEFAULT_PRESETS = {"mnist5k": "mnist-vqvae", "digits": "digits-vqvae", "photos": "photos-vqvae"}
+FALLBACK_PRESET = "folder-vqvae"
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override is wrong; the message says which and why."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist5k"
+    image_size: int | None = None  # folders/photos: crop or resize to this size; None = the source's own size
+    channels: int | None = None  # None = the source's own
+    resize: str = "resize"  # folders: resize | crop | stretch | pad
+    strict: bool = False  # stop on the first unreadable file instead of skipping it with a warning
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    model: VQModelConfig = field(default_factory=VQModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 3000
+    batch_size: int = 64  # global batch; split evenly across ranks under torchrun
+    loss: str = "l2"  # reconstruction loss: l1 | l2 | l1+l2
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 25
+    image_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 250
+    preset: str | None = None  # recorded for the user's information
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, where: str):
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys with a message naming them."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = {"model": VQModelConfig, "data": DataConfig, "optim": OptimConfig}.get(name) if cls is TrainConfig else None
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return path
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['model.codebook_size=1024', 'steps=10'] -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. steps=2000)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_config(data: str | None = None, preset: str | None = None, config_file: str | None = None,
+                   overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- preset (named or chosen from the data source) <- YAML file <- key=value overrides <- --data."""
+    values: dict = {}
+    if preset is None and config_file is None:
+        preset = DEFAULT_PRESETS.get(str(data), FALLBACK_PRESET) if data else None
+    if preset:
+        values = _merge(values, load_yaml(preset_path(preset)))
+        values["preset"] = preset
+    if config_file:
+        values = _merge(values, load_yaml(config_file))
+    if overrides:
+        values = _merge(values, parse_overrides(overrides))
+    if data:
+        values = _merge(values, {"data": {"source": str(data)}})
+    return _build(TrainConfig, values, "config")
+
+
+def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
+    return _build(TrainConfig, d, where)

@@ -1,0 +1,79 @@
+"""Entry points that set up and run a training job (used by the CLI and by tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import torch
+
+from .. import distributed as D
+from ..data.sources import NAMED_SOURCES, ImageSource, SourceError, load_source
+from ..io import atomic_write_json, read_json
+from ..models.tokenizer import VQModel
+from .checkpoint import latest_checkpoint
+from .config import ConfigError, TrainConfig, config_from_dict
+from .tasks import TokenizerTask
+from .trainer import Trainer
+
+RUN_CONFIG = "train_config.json"
+
+
+def open_sources(cfg: TrainConfig) -> tuple[ImageSource, ImageSource]:
+    """TRAIN and TEST splits of the configured data, with only the options the source accepts."""
+    d = cfg.data
+    options = {k: v for k, v in dict(image_size=d.image_size, channels=d.channels).items() if v is not None}
+    if d.source not in NAMED_SOURCES:  # folders and arrays take the file-handling options too
+        options.update(resize=d.resize, strict=d.strict)
+    else:
+        accepted = inspect.signature(NAMED_SOURCES[d.source]).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+            extra = sorted(set(options) - set(accepted))
+            if extra:
+                raise ConfigError(f"data source {d.source!r} takes no option(s) {extra} (set them to null)")
+    return load_source(d.source, "train", **options), load_source(d.source, "test", **options)
+
+
+def prepare_run_dir(out_dir: Path, cfg: TrainConfig | None, resume: bool, overrides: dict | None = None) -> TrainConfig:
+    """Validate the output directory; on resume, the saved config (with ``overrides`` such as steps) wins."""
+    saved = out_dir / RUN_CONFIG
+    if resume:
+        if not saved.is_file() or latest_checkpoint(out_dir / "checkpoints") is None:
+            raise ConfigError(f"--resume: {out_dir} holds no run to resume (no {RUN_CONFIG} or no checkpoint)")
+        d = read_json(saved, "run config")
+        for k, v in (overrides or {}).items():
+            d[k] = v
+        return config_from_dict(d, str(saved))
+    if saved.exists() or latest_checkpoint(out_dir / "checkpoints") is not None:
+        raise ConfigError(f"{out_dir} already holds a training run; continue it with --resume or choose another --out "
+                          f"(nothing there is overwritten)")
+    assert cfg is not None
+    return cfg
+
+
+def train_tokenizer(cfg: TrainConfig | None, out_dir: str | Path, resume: bool = False, stop_at: int | None = None,
+                    progress: bool = True, resume_overrides: dict | None = None) -> dict | None:
+    """Train (or resume) a tokenizer into ``out_dir``; returns the TEST evaluation (None if stopped early)."""
+    out_dir = Path(out_dir)
+    cfg = prepare_run_dir(out_dir, cfg, resume, resume_overrides)
+    device = D.init_from_env()
+    train_src, test_src = open_sources(cfg)
+    if train_src.channels != test_src.channels or train_src.image_size != test_src.image_size:
+        raise SourceError(f"{cfg.data.source}: TRAIN and TEST images differ in shape "
+                          f"({train_src.channels}x{train_src.image_size} vs {test_src.channels}x{test_src.image_size})")
+    # the model takes its input shape from the data
+    cfg.model = dataclasses.replace(cfg.model, in_channels=train_src.channels, out_channels=train_src.channels,
+                                    image_size=int(train_src.image_size[0]))
+    if D.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_json(out_dir / RUN_CONFIG, cfg.to_dict())
+        if progress:
+            print(f"data: {train_src.describe()}; {test_src.describe()}")
+            print(f"model: {cfg.model.token_grid()[0]}x{cfg.model.token_grid()[1]} tokens, K={cfg.model.codebook_size}, "
+                  f"{cfg.model.bits_per_image():.0f} bits/image; device {device}; {D.world_size()} process(es)")
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = VQModel(cfg.model)
+    task = TokenizerTask(cfg, model, device, test_src)
+    return Trainer(task, cfg, out_dir, train_src, resume=resume, stop_at=stop_at, progress=progress).run()
