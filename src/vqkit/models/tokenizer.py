@@ -227,7 +227,10 @@ class VQModel(nn.Module):
         config = VQModelConfig.from_dict(raw, source=str(path / CONFIG_NAME))
         model = cls(config)
         state = read_safetensors(path / WEIGHTS_NAME)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of other shapes (e.g. another codebook_size) than config.json describes
+            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} ({e})") from None
         if missing or unexpected:
             raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -92,7 +92,7 @@ class TokenizerTask:
         self.optimizer.step()
         with torch.no_grad():
             psnr = psnr_per_image((x + 1) / 2, ((rec + 1) / 2).clamp(0, 1)).mean()
-        return {"loss": float(loss), "rec_loss": float(rec_loss), "q_loss": float(out.quantizer_loss),
+        return {"loss": float(loss.detach()), "rec_loss": float(rec_loss.detach()), "q_loss": float(out.quantizer_loss.detach()),
                 "psnr": float(psnr), "usage": out.stats["usage"], "perplexity": out.stats["perplexity"],
                 "restarted": out.stats["restarted"], "lr": lr}
 

@@ -1,0 +1,375 @@
+"""The ``vqkit`` command. Thin on purpose: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+EPILOG_TRAIN = """\
+examples:
+  vqkit train tokenizer --data mnist5k --out runs/mnist            # the default newcomer run (~10 min on 2 CPU cores)
+  vqkit train tokenizer --data photos --out runs/photos --preset photos-vqvae
+  vqkit train tokenizer --data ~/my_images --out runs/mine data.image_size=128 steps=20000
+  vqkit train tokenizer --out runs/mnist --resume                   # continue an interrupted run exactly
+  torchrun --nproc_per_node 4 -m vqkit.cli train tokenizer --data ~/imgs --out runs/ddp
+
+Overrides are dotted keys into the config, e.g. model.codebook_size=1024 optim.lr=2e-4 batch_size=128.
+"""
+
+
+def _add_images_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--images", required=True, help=help_text)
+
+
+def _error(msg: str) -> int:
+    print(f"vqkit: error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def cmd_train_tokenizer(args) -> int:
+    from .training.config import resolve_config
+    from .training.run import train_tokenizer
+
+    out = Path(args.out)
+    if args.resume:
+        extra = {k: v for k, v in (("steps", args.steps),) if v is not None}
+        if args.overrides or args.preset or args.config or args.data:
+            return _error("--resume continues the saved run config; only --steps may change it")
+        result = train_tokenizer(None, out, resume=True, stop_at=args.stop_at, resume_overrides=extra)
+    else:
+        if not args.data and not args.config:
+            return _error("give --data SOURCE (e.g. mnist5k, photos, a folder, a .npz file) or --config FILE")
+        overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
+        cfg = resolve_config(args.data, args.preset, args.config, overrides)
+        result = train_tokenizer(cfg, out, stop_at=args.stop_at)
+    if result is None:
+        print(f"stopped before the end; continue with: vqkit train tokenizer --out {out} --resume")
+        return 0
+    _print_eval(result)
+    print(f"model saved to {out} (load with VQModel.from_pretrained('{out}')); evaluation in {out / 'eval.json'}")
+    return 0
+
+
+def _print_eval(r: dict) -> None:
+    rows = [("data", f"{r['data']} [{r['split']}], {r['num_images']} images"),
+            ("PSNR", f"{r['psnr']:.2f} dB"), ("SSIM", f"{r['ssim']:.4f}"),
+            ("codebook usage", f"{100 * r['codebook_usage']:.1f}% ({r['codes_used']}/{r['codebook_size']})"),
+            ("perplexity", f"{r['perplexity']:.1f}"),
+            ("tokens", f"{r['token_grid'][0]}x{r['token_grid'][1]}"), ("bits/image", f"{r['bits_per_image']:.0f}")]
+    if "train_seconds" in r:
+        rows.append(("training time", f"{r['train_seconds']:.0f} s"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+# ----------------------------------------------------------------------------------------------- use a tokenizer
+def _load_model(path: str):
+    import torch
+
+    from .models.tokenizer import VQModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return VQModel.from_pretrained(path, device=device)
+
+
+def _collect_images(spec: str, channels: int, split: str = "test", strict: bool = False):
+    """(names, list of float [C,H,W] in [0,1]) from an image file, a folder, or a data source name/array file."""
+    import torch
+
+    from .data.images import read_image, to_channels
+    from .data.sources import NAMED_SOURCES, SourceError, load_source
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() not in (".npy", ".npz"):
+        arr = to_channels(read_image(path), channels)
+        return [path.stem], [torch.from_numpy(arr).permute(2, 0, 1).float()]
+    if path.is_dir():
+        from .data.folder import IMAGE_EXTENSIONS
+
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise SourceError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        names, images = [], []
+        for f in files:
+            try:
+                arr = to_channels(read_image(f), channels)
+            except SourceError as e:
+                if strict:
+                    raise
+                warnings.warn(f"skipping {e}")
+                continue
+            names.append(f.relative_to(path).with_suffix("").as_posix().replace("/", "__"))
+            images.append(torch.from_numpy(arr).permute(2, 0, 1).float())
+        return names, images
+    if spec in NAMED_SOURCES or path.suffix.lower() in (".npy", ".npz"):
+        src = load_source(spec, split)
+        if src.channels != channels:
+            raise SourceError(f"{spec}: {src.channels}-channel images, but the tokenizer takes {channels}")
+        return [f"{src.name}_{split}_{i:05d}" for i in range(len(src))], [(src[i][0] + 1) / 2 for i in range(len(src))]
+    raise SourceError(f"{spec}: no such image file, folder or data source")
+
+
+def _batches(images, batch_size: int):
+    """Group consecutive images of equal size into batches (folders may mix sizes)."""
+    import torch
+
+    i = 0
+    while i < len(images):
+        j = i + 1
+        while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
+            j += 1
+        yield i, torch.stack(images[i:j])
+        i = j
+
+
+def cmd_reconstruct(args) -> int:
+    import torch
+
+    from .data.images import save_image
+    from .metrics import psnr_per_image
+
+    model = _load_model(args.model)
+    names, images = _collect_images(args.images, model.config.in_channels, args.split)
+    if args.limit:
+        names, images = names[: args.limit], images[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start, x in _batches(images, args.batch_size):
+        dev = next(model.parameters()).device
+        y = model.detokenize(model.tokenize(x.to(dev)), size=tuple(x.shape[-2:])).cpu()
+        psnr = psnr_per_image(x, y)
+        for k in range(len(x)):
+            name = names[start + k]
+            save_image(out / f"{name}.png", torch.cat([x[k], y[k]], dim=-1))  # original | reconstruction
+            rows.append({"image": name, "psnr": round(float(psnr[k]), 3)})
+    (out / "psnr.csv").write_text("image,psnr\n" + "".join(f"{r['image']},{r['psnr']}\n" for r in rows))
+    for r in rows[: args.show]:
+        print(f"  {r['image']:<40} {r['psnr']:6.2f} dB")
+    if len(rows) > args.show:
+        print(f"  ... ({len(rows) - args.show} more in {out / 'psnr.csv'})")
+    mean = sum(r["psnr"] for r in rows) / max(1, len(rows))
+    print(f"{len(rows)} images, mean PSNR {mean:.2f} dB; side-by-side PNGs (original | reconstruction) in {out}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import numpy as np
+    import torch
+
+    from .io import atomic_save_safetensors, atomic_write_json
+
+    model = _load_model(args.model)
+    names, images = _collect_images(args.images, model.config.in_channels, args.split)
+    grids = []
+    for _, x in _batches(images, args.batch_size):
+        grids.append(model.tokenize(x.to(next(model.parameters()).device)).cpu())
+    shapes = {tuple(g.shape[-2:]) for g in grids}
+    out = Path(args.out)
+    meta = {"model": str(Path(args.model).resolve()), "codebook_size": model.config.codebook_size,
+            "names": names, "image_sizes": [list(im.shape[-2:]) for im in images]}
+    if len(shapes) > 1 and out.suffix != ".safetensors":
+        return _error(f"images of different sizes give token grids of different shapes {sorted(shapes)}; "
+                      f"write them to a .safetensors file (one tensor per image)")
+    if out.suffix == ".npy":
+        tokens = torch.cat(grids).numpy().astype(np.int64)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp.npy")
+        np.save(tmp, tokens)
+        tmp.replace(out)
+        atomic_write_json(out.with_suffix(".json"), meta)
+        print(f"wrote {tokens.shape[0]} token grids {tuple(tokens.shape[1:])} to {out} (names in {out.with_suffix('.json')})")
+    elif out.suffix == ".safetensors":
+        flat = torch.cat([g.reshape(-1, *g.shape[-2:]) for g in grids]) if len(shapes) == 1 else None
+        tensors = {"tokens": flat} if flat is not None else {
+            f"tokens/{i}": t for i, t in enumerate(t for g in grids for t in g)}
+        atomic_save_safetensors(out, tensors, metadata={"vqkit_tokens": json.dumps(meta)})
+        print(f"wrote {len(names)} token grids to {out}")
+    else:
+        return _error(f"--out must end in .npy or .safetensors, got {out.name}")
+    return 0
+
+
+def _read_tokens(path: Path):
+    import numpy as np
+    import torch
+
+    from .io import read_json, read_safetensors, read_safetensors_metadata
+
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: not a readable token file ({e})") from None
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path}: expected integer token grids [N, h, w], got {arr.dtype} {arr.shape}")
+        side = path.with_suffix(".json")
+        meta = read_json(side) if side.is_file() else {}
+        return list(torch.from_numpy(arr.astype(np.int64))), meta
+    if path.suffix == ".safetensors":
+        tensors = read_safetensors(path)
+        meta = json.loads(read_safetensors_metadata(path).get("vqkit_tokens", "{}"))
+        if "tokens" in tensors:
+            return list(tensors["tokens"].long()), meta
+        keys = sorted((k for k in tensors if k.startswith("tokens/")), key=lambda k: int(k.split("/")[1]))
+        if not keys:
+            raise ValueError(f"{path}: no 'tokens' tensor in this file")
+        return [tensors[k].long() for k in keys], meta
+    raise ValueError(f"{path}: token files are .npy or .safetensors")
+
+
+def cmd_decode(args) -> int:
+    from .data.images import save_image
+
+    model = _load_model(args.model)
+    grids, meta = _read_tokens(Path(args.tokens))
+    names = meta.get("names") or [f"{i:05d}" for i in range(len(grids))]
+    sizes = meta.get("image_sizes") or [None] * len(grids)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = next(model.parameters()).device
+    for grid, name, size in zip(grids, names, sizes):
+        y = model.detokenize(grid[None].to(dev), size=tuple(size) if size else None)[0].cpu()
+        save_image(out / f"{name}.png", y)
+    print(f"decoded {len(grids)} token grids to PNGs in {out}")
+    return 0
+
+
+def cmd_eval_tokenizer(args) -> int:
+    from .data.sources import load_source
+    from .evaluation import evaluate_tokenizer
+
+    model = _load_model(args.model)
+    source = load_source(args.data, args.split)
+    if source.channels != model.config.in_channels:
+        return _error(f"{args.data}: {source.channels}-channel images, but the tokenizer takes {model.config.in_channels}")
+    result = evaluate_tokenizer(model, source, args.batch_size, progress=True)
+    _print_eval(result)
+    if args.json:
+        from .io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import read_json
+    from .training.checkpoint import list_checkpoints
+
+    model = _load_model(args.dir)
+    c = model.config
+    h, w = c.token_grid()
+    print(f"{args.dir}: vqkit VQModel, {model.num_parameters() / 1e6:.2f} M parameters")
+    print(f"  images       {c.in_channels} channel(s), trained at {c.image_size} px; downsampling x{c.downsample_factor}")
+    print(f"  tokens       {h}x{w} per image, K={c.codebook_size} codes -> {c.bits_per_image():.0f} bits/image")
+    q = "EMA" if c.use_ema else "codebook loss"
+    extra = (", cosine" if c.cosine else "") + (f", {c.codebook_dim}-d codes" if c.codebook_dim else "")
+    print(f"  quantizer    {q}, beta={c.beta}{extra}")
+    ev = Path(args.dir) / "eval.json"
+    if ev.is_file():
+        print("  evaluation (eval.json):")
+        _print_eval(read_json(ev))
+    ckpts = list_checkpoints(Path(args.dir) / "checkpoints")
+    if ckpts:
+        print(f"  checkpoints  {len(ckpts)}, latest {ckpts[-1].name}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .training.config import list_presets
+
+    p = argparse.ArgumentParser(prog="vqkit", description="Discrete image tokenizers (VQ-VAE, VQGAN): train, "
+                                "evaluate, tokenize and reconstruct images.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"vqkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model", description="Train a model.")
+    tsub = train.add_subparsers(dest="what", metavar="WHAT")
+    tt = tsub.add_parser("tokenizer", help="train a VQ-VAE tokenizer", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train a VQ-VAE image tokenizer; DIR then loads with VQModel.from_pretrained(DIR). "
+                         f"Presets: {', '.join(list_presets())}.", epilog=EPILOG_TRAIN)
+    tt.add_argument("--data", help="mnist5k | digits | photos | a folder of images | a .npy/.npz file")
+    tt.add_argument("--out", required=True, help="run directory (model, eval.json, metrics.jsonl, checkpoints/)")
+    tt.add_argument("--preset", help="named preset (default: chosen from the data source)")
+    tt.add_argument("--config", help="YAML config file (applied after the preset)")
+    tt.add_argument("--steps", type=int, help="number of training steps (shorthand for steps=N)")
+    tt.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tt.add_argument("--stop-at", type=int, dest="stop_at", help="stop (with a checkpoint) at this step")
+    tt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.codebook_size=1024")
+    tt.set_defaults(func=cmd_train_tokenizer)
+
+    rec = sub.add_parser("reconstruct", help="tokenize and decode images; side-by-side PNGs and per-image PSNR",
+                         description="Tokenize and reconstruct images; writes original|reconstruction PNGs and psnr.csv.")
+    rec.add_argument("--model", required=True, help="tokenizer directory")
+    _add_images_arg(rec, "an image file, a folder (recursive), or a data source (its TEST split)")
+    rec.add_argument("--out", required=True, help="output folder")
+    rec.add_argument("--split", default="test", choices=["train", "test"], help="split when --images is a data source")
+    rec.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
+    rec.add_argument("--batch-size", type=int, default=64, dest="batch_size")
+    rec.add_argument("--show", type=int, default=10, help="how many per-image PSNRs to print")
+    rec.set_defaults(func=cmd_reconstruct)
+
+    enc = sub.add_parser("encode", help="images -> token grids (.npy or .safetensors)",
+                         description="Tokenize images into integer token grids [N, h, w].")
+    enc.add_argument("--model", required=True, help="tokenizer directory")
+    _add_images_arg(enc, "an image file, a folder (recursive), or a data source (its TEST split)")
+    enc.add_argument("--out", required=True, help="tokens.npy (plus tokens.json with names) or tokens.safetensors")
+    enc.add_argument("--split", default="test", choices=["train", "test"])
+    enc.add_argument("--batch-size", type=int, default=64, dest="batch_size")
+    enc.set_defaults(func=cmd_encode)
+
+    dec = sub.add_parser("decode", help="token grids -> PNG images", description="Decode token grids into PNGs.")
+    dec.add_argument("--model", required=True, help="tokenizer directory")
+    dec.add_argument("--tokens", required=True, help=".npy or .safetensors written by 'vqkit encode'")
+    dec.add_argument("--out", required=True, help="output folder")
+    dec.set_defaults(func=cmd_decode)
+
+    ev = sub.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
+    esub = ev.add_subparsers(dest="what", metavar="WHAT")
+    et = esub.add_parser("tokenizer", help="PSNR, SSIM, codebook usage, perplexity, bits/image on a held-out split")
+    et.add_argument("--model", required=True, help="tokenizer directory")
+    et.add_argument("--data", required=True, help="data source (as for training)")
+    et.add_argument("--split", default="test", choices=["train", "test"])
+    et.add_argument("--batch-size", type=int, default=250, dest="batch_size")
+    et.add_argument("--json", help="also write the results to this JSON file")
+    et.set_defaults(func=cmd_eval_tokenizer)
+
+    info = sub.add_parser("info", help="describe a model directory", description="Describe a model directory.")
+    info.add_argument("dir", help="model directory")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.sources import SourceError
+    from .io import VQKitFileError
+    from .training.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        # `vqkit train` / `vqkit eval` without WHAT: show that command's help
+        if args.command:
+            parser.parse_args([args.command, "--help"])
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (SourceError, VQKitFileError, ConfigError, FileNotFoundError, ValueError) as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,672 @@
+"""TokenPrior: a transformer prior over the token grids of a VQ tokenizer, with class and/or caption conditioning.
+
+One decoder-style transformer serves two modes (``TokenPriorConfig.mode``):
+
+* ``"ar"``: raster-order autoregressive. Causal attention over ``[prefix, start, x_0, ..., x_{L-2}]``; the output at
+  the start token predicts x_0, the output at x_i predicts x_{i+1}. Sampling decodes one token per forward pass,
+  reusing cached keys and values.
+* ``"mask"`` (MaskGIT): bidirectional attention over ``[prefix, x_0, ..., x_{L-1}]`` where some x_i are [MASK].
+  Training masks a cosine-scheduled random fraction of the tokens and scores only those; sampling starts from an
+  all-[MASK] grid and fixes the most confident tokens over a few parallel steps.
+
+The prefix holds the condition: a class token (``num_classes``) and/or ``max_text_len`` caption tokens
+(``text_vocab``, see ``vqkit.models.text``), each with its own embedding table. Training replaces the condition by
+the null class / the empty caption with probability ``cond_dropout``, so that one model also gives the unconditional
+logits that classifier-free guidance needs. Losses are on image tokens only.
+
+Token grids come in as int64 [B, h, w] (what ``VQModel.tokenize`` returns) or flattened [B, h*w] in raster order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..io import VQKitFileError, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from .text import TEXT_VOCABS, make_text_tokenizer
+
+CONFIG_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "vqkit.TokenPrior"
+MODES = ("ar", "mask")
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+@dataclass
+class TokenPriorConfig:
+    """Everything needed to rebuild a TokenPrior. Saved as config.json; ``config_version`` guards future changes."""
+
+    mode: str = "ar"  # "ar" (autoregressive, raster order) or "mask" (MaskGIT)
+    codebook_size: int = 512  # K: image tokens are 0..K-1
+    token_grid: list[int] = field(default_factory=lambda: [7, 7])  # (h, w) of the tokenizer's grid
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # "gelu" or "swiglu"
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    positions: str = "learned"  # "learned" (absolute) or "rope" (rotary, in attention)
+    dropout: float = 0.0
+    tie_weights: bool = True  # the output head reuses the image-token embedding
+    num_classes: int | None = None  # class-conditional when set
+    text_vocab: str | None = None  # caption-conditional when set ("bytes")
+    max_text_len: int = 64  # caption tokens in the prefix, BOS and EOS included
+    cond_dropout: float = 0.1  # training: probability of the null class / empty caption (for guidance)
+    label_smoothing: float | None = None  # None: 0.1 in mask mode, 0.0 in ar mode
+    tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        self.token_grid = [int(s) for s in self.token_grid]
+        if self.label_smoothing is None:
+            self.label_smoothing = 0.1 if self.mode == "mask" else 0.0
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if len(self.token_grid) != 2 or min(self.token_grid) < 1:
+            problems.append(f"token_grid must be [h, w] with h, w >= 1, got {self.token_grid}")
+        if self.codebook_size < 2:
+            problems.append(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        elif self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            problems.append("rotary positions need an even head dimension (d_model / n_heads)")
+        if self.mlp not in ("gelu", "swiglu"):
+            problems.append(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.positions not in ("learned", "rope"):
+            problems.append(f"positions must be 'learned' or 'rope', got {self.positions!r}")
+        if self.num_classes is not None and self.num_classes < 1:
+            problems.append(f"num_classes must be >= 1 or None, got {self.num_classes}")
+        if self.text_vocab is not None and self.text_vocab not in TEXT_VOCABS:
+            problems.append(f"text_vocab must be one of {TEXT_VOCABS} or None, got {self.text_vocab!r}")
+        if self.max_text_len < 2:
+            problems.append(f"max_text_len must be >= 2 (BOS and EOS), got {self.max_text_len}")
+        if not 0 <= self.cond_dropout < 1 or not 0 <= self.label_smoothing < 1:
+            problems.append("cond_dropout and label_smoothing must be in [0, 1)")
+        if problems:
+            raise ValueError("invalid TokenPriorConfig: " + "; ".join(problems))
+
+    @property
+    def seq_len(self) -> int:
+        """Image tokens per grid (h * w)."""
+        return self.token_grid[0] * self.token_grid[1]
+
+    @property
+    def prefix_len(self) -> int:
+        """Positions before the first image token: class token, caption tokens and (ar) the start token."""
+        return (self.num_classes is not None) + (self.max_text_len if self.text_vocab else 0) + (self.mode == "ar")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TokenPriorConfig":
+        d = dict(d)
+        version = int(d.get("config_version", 1))
+        if version > CONFIG_VERSION:
+            raise VQKitFileError(f"{source}: config_version {version} was written by a newer vqkit "
+                                 f"(this one reads up to {CONFIG_VERSION}); upgrade vqkit")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown config keys {unknown}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise VQKitFileError(f"{source}: {e}") from None
+
+
+@dataclass
+class PriorOutput:
+    loss: torch.Tensor  # mean cross-entropy over the scored tokens (all in ar mode, the masked ones in mask mode)
+    accuracy: torch.Tensor  # share of scored tokens whose argmax prediction is right
+    num_targets: int  # how many tokens were scored
+
+
+# ------------------------------------------------------------------------------------------------------- the blocks
+def make_norm(kind: str, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates pairs of query/key channels by position-dependent angles."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        # Not saved with the weights: they follow from the config.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def angles(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [B, H, T, head_dim]: channel j of the first half pairs with channel j of the second half."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of one attention layer for the positions processed so far, in preallocated buffers."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: torch.Tensor):
+        self.keys = like.new_empty(batch, n_heads, max_len, head_dim)
+        self.values = like.new_empty(batch, n_heads, max_len, head_dim)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v [B, H, T, hd]; return those of all positions so far."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        mask = None
+        if causal and t > 1:
+            # The new queries are the last t of the k.shape[2] positions: query i sees keys up to its own position.
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, mlp_ratio: float, kind: str, dropout: float):
+        super().__init__()
+        self.swiglu = kind == "swiglu"
+        # SwiGLU has three matrices instead of two; 2/3 of the width keeps the parameter count comparable.
+        hidden = int(mlp_ratio * d_model * (2 / 3 if self.swiglu else 1))
+        self.fc = nn.Linear(d_model, 2 * hidden if self.swiglu else hidden)
+        self.proj = nn.Linear(hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, c: TokenPriorConfig):
+        super().__init__()
+        self.norm1 = make_norm(c.norm, c.d_model)
+        self.attn = SelfAttention(c.d_model, c.n_heads, c.dropout)
+        self.norm2 = make_norm(c.norm, c.d_model)
+        self.mlp = MLP(c.d_model, c.mlp_ratio, c.mlp, c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), causal, rope, cache))
+        return x + self.mlp(self.norm2(x))
+
+
+# ------------------------------------------------------------------------------------------------------- sampling
+def uniform(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """U[0, 1) drawn from ``generator`` (on its own device) or, without one, from torch's global generator."""
+    return torch.rand(shape, generator=generator, device=generator.device if generator else device).to(device)
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of logits [N, K]; returns (tokens [N], their log-probability under the filtered
+    distribution that was sampled)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the more likely ones already reach top_p (the most likely token always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    log_probs = logits.log_softmax(-1)
+    tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(1)
+
+
+def combine_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance over a batch stacked as [conditional; unconditional]."""
+    cond, uncond = logits.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class TokenPrior(nn.Module):
+    def __init__(self, config: TokenPriorConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = TokenPriorConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a config or keyword arguments, not both")
+        self.config = c = config
+        K = c.codebook_size
+        # Row K of the image-token table is the [MASK] token in mask mode and the start token in ar mode.
+        self.token_emb = nn.Embedding(K + 1, c.d_model)
+        self.mask_id = K if c.mode == "mask" else None
+        # Row num_classes is the null class: "no class", the unconditional half of guidance.
+        self.class_emb = nn.Embedding(c.num_classes + 1, c.d_model) if c.num_classes else None
+        self.text_tokenizer = make_text_tokenizer(c.text_vocab) if c.text_vocab else None
+        self.text_emb = nn.Embedding(self.text_tokenizer.vocab_size, c.d_model) if c.text_vocab else None
+        max_len = c.prefix_len + c.seq_len
+        self.pos_emb = nn.Parameter(torch.zeros(max_len, c.d_model)) if c.positions == "learned" else None
+        self.rotary = Rotary(c.d_model // c.n_heads, max_len) if c.positions == "rope" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = make_norm(c.norm, c.d_model)
+        self.head = None if c.tie_weights else nn.Linear(c.d_model, K, bias=False)
+        self.head_bias = nn.Parameter(torch.zeros(K))
+        self.apply(self._init_weights)
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb, std=0.02)
+        for block in self.blocks:  # GPT-2: shrink the residual branches so that the residual stream stays O(1)
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_bias.device
+
+    @property
+    def causal(self) -> bool:
+        return self.config.mode == "ar"
+
+    # ------------------------------------------------------------------------------------------- inputs and checks
+    def _check_tokens(self, indices: torch.Tensor, allow_mask: bool = False) -> torch.Tensor:
+        """Token grids [B, h, w] or [B, h*w] -> int64 [B, L] on the model's device, validated."""
+        c = self.config
+        if not torch.is_tensor(indices) or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(f"expected an integer tensor of token ids, got "
+                             f"{indices.dtype if torch.is_tensor(indices) else type(indices).__name__}")
+        h, w = c.token_grid
+        if not ((indices.dim() == 3 and tuple(indices.shape[1:]) == (h, w)) or
+                (indices.dim() == 2 and indices.shape[1] == h * w)):
+            raise ValueError(f"expected token grids [B, {h}, {w}] or [B, {h * w}] (this prior's grid), "
+                             f"got shape {tuple(indices.shape)}")
+        tokens = indices.reshape(len(indices), h * w).to(self.device, torch.long)
+        top = c.codebook_size + (allow_mask and self.mask_id is not None)
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= top):
+            raise ValueError(f"token ids must be in [0, {top}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens
+
+    def _encode_condition(self, condition, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Validate ``condition`` -> (class ids [B] or None, caption token ids [B, max_text_len] or None).
+
+        ``condition``: None; class labels (an int, a list or tensor of B ints); captions (a str, a list of B str);
+        or a dict with keys "labels" and/or "captions". A single int or str applies to the whole batch. Parts left
+        out are the null class / the empty caption (unconditional).
+        """
+        labels, captions = self._split_condition(condition)
+        c = self.config
+        if labels is not None and self.class_emb is None:
+            raise ValueError("class labels given to a prior without class conditioning (num_classes is not set)")
+        if captions is not None and self.text_emb is None:
+            raise ValueError("captions given to a prior without text conditioning (text_vocab is not set)")
+        class_ids = self._class_ids(labels, batch) if self.class_emb is not None else None
+        text_ids = None
+        if self.text_emb is not None:
+            captions = [""] * batch if captions is None else [captions] * batch if isinstance(captions, str) else captions
+            if len(captions) != batch:
+                raise ValueError(f"got {len(captions)} captions for a batch of {batch}")
+            text_ids = self.text_tokenizer.encode_batch(list(captions), c.max_text_len).to(self.device)
+        return class_ids, text_ids
+
+    @staticmethod
+    def _split_condition(condition):
+        if condition is None:
+            return None, None
+        if isinstance(condition, dict):
+            unknown = sorted(set(condition) - {"labels", "captions"})
+            if unknown:
+                raise ValueError(f"unknown condition keys {unknown}; use 'labels' and/or 'captions'")
+            return condition.get("labels"), condition.get("captions")
+        is_captions = isinstance(condition, str) or (
+            isinstance(condition, (list, tuple)) and len(condition) > 0 and all(isinstance(s, str) for s in condition))
+        return (None, condition) if is_captions else (condition, None)
+
+    def _class_ids(self, labels, batch: int) -> torch.Tensor:
+        n = self.config.num_classes
+        if labels is None:
+            return torch.full((batch,), n, dtype=torch.long, device=self.device)
+        try:
+            ids = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"class labels must be ints, got {labels!r}") from None
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() > 1:
+            raise ValueError(f"class labels must be an int or a 1-D sequence of ints, got {labels!r}")
+        ids = ids.expand(batch) if ids.dim() == 0 else ids
+        if len(ids) != batch:
+            raise ValueError(f"got {len(ids)} class labels for a batch of {batch}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            raise ValueError(f"class labels must be in [0, {n}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        return ids.to(self.device, torch.long)
+
+    def _drop_condition(self, class_ids, text_ids, generator):
+        """Training: replace the condition by the null one with probability cond_dropout (jointly for both)."""
+        batch = len(class_ids if class_ids is not None else text_ids)
+        drop = uniform((batch,), generator, self.device) < self.config.cond_dropout
+        null_class, null_text = self._encode_condition(None, batch)
+        if class_ids is not None:
+            class_ids = torch.where(drop, null_class, class_ids)
+        if text_ids is not None:
+            text_ids = torch.where(drop[:, None], null_text, text_ids)
+        return class_ids, text_ids
+
+    def _with_null(self, class_ids, text_ids):
+        """The condition stacked as [given; null], the batch layout of classifier-free guidance."""
+        batch = len(class_ids if class_ids is not None else text_ids)
+        null_class, null_text = self._encode_condition(None, batch)
+        return (None if class_ids is None else torch.cat([class_ids, null_class]),
+                None if text_ids is None else torch.cat([text_ids, null_text]))
+
+    # ------------------------------------------------------------------------------------------------ the network
+    def _prefix(self, class_ids, text_ids, batch: int) -> torch.Tensor:
+        """Embeddings [B, prefix_len, d] of [class token][caption tokens][start token (ar)]."""
+        parts = []
+        if class_ids is not None:
+            parts.append(self.class_emb(class_ids)[:, None])
+        if text_ids is not None:
+            parts.append(self.text_emb(text_ids))
+        if self.config.mode == "ar":
+            start = torch.full((batch, 1), self.config.codebook_size, dtype=torch.long, device=self.device)
+            parts.append(self.token_emb(start))
+        return torch.cat(parts, dim=1) if parts else self.token_emb.weight.new_zeros(batch, 0, self.config.d_model)
+
+    def _transformer(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Embeddings [B, T, d] at positions start..start+T-1 -> final hidden states [B, T, d]."""
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[start:start + x.shape[1]]
+        else:
+            rope = self.rotary.angles(start, x.shape[1])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.causal, rope, caches[i] if caches is not None else None)
+        return self.norm(x)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.token_emb.weight[: self.config.codebook_size] if self.head is None else self.head.weight
+        return F.linear(hidden, weight, self.head_bias)
+
+    def _image_logits(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
+        """Logits [B, L, K] for every image position.
+
+        ar: teacher-forced next-token logits (position i sees tokens < i). mask: logits given the visible tokens of
+        ``tokens`` (which may hold [MASK]).
+        """
+        prefix = self._prefix(class_ids, text_ids, len(tokens))
+        p = prefix.shape[1]
+        if self.config.mode == "ar":
+            hidden = self._transformer(torch.cat([prefix, self.token_emb(tokens[:, :-1])], dim=1))
+            return self._head(hidden[:, p - 1:])
+        hidden = self._transformer(torch.cat([prefix, self.token_emb(tokens)], dim=1))
+        return self._head(hidden[:, p:])
+
+    def _guided_logits(self, tokens, class_ids, text_ids, guidance_scale: float | None) -> torch.Tensor:
+        if guidance_scale is None:
+            return self._image_logits(tokens, class_ids, text_ids)
+        both = self._image_logits(tokens.repeat(2, 1), *self._with_null(class_ids, text_ids))
+        return combine_guidance(both, guidance_scale)
+
+    def _check_guidance(self, guidance_scale: float | None) -> None:
+        if guidance_scale is not None and self.class_emb is None and self.text_emb is None:
+            raise ValueError("classifier-free guidance needs a prior with class or text conditioning")
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def logits(self, indices: torch.Tensor, condition=None, *, guidance_scale: float | None = None) -> torch.Tensor:
+        """Logits [B, h*w, K] over the image tokens in raster order (see ``_image_logits``).
+
+        With ``guidance_scale`` s, classifier-free guidance: uncond + s * (cond - uncond), both halves computed in
+        one batch. In mask mode ``indices`` may hold ``mask_id``.
+        """
+        self._check_guidance(guidance_scale)
+        tokens = self._check_tokens(indices, allow_mask=True)
+        return self._guided_logits(tokens, *self._encode_condition(condition, len(tokens)), guidance_scale)
+
+    def draw_mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mask-mode training mask, bool [B, L]: per grid, a share cos(pi/2 * u), u ~ U(0, 1), of the positions
+        (at least one), chosen uniformly at random."""
+        L = self.config.seq_len
+        ratio = torch.cos(math.pi / 2 * uniform((batch,), generator, self.device))
+        num_masked = (ratio * L).ceil().clamp(1, L)
+        rank = uniform((batch, L), generator, self.device).argsort(dim=1).argsort(dim=1)
+        return rank < num_masked[:, None]
+
+    def forward(self, indices: torch.Tensor, condition=None, *,
+                generator: torch.Generator | None = None) -> PriorOutput:
+        """Training objective. ar: next-token cross-entropy on every image token. mask: cross-entropy on a random
+        cosine-scheduled share of masked tokens (``draw_mask``), the others visible. In training mode the condition
+        is dropped to the null one with probability ``cond_dropout``. Randomness comes from ``generator`` if
+        given (condition dropout first, then the mask)."""
+        tokens = self._check_tokens(indices)
+        class_ids, text_ids = self._encode_condition(condition, len(tokens))
+        if self.training and self.config.cond_dropout > 0 and (class_ids is not None or text_ids is not None):
+            class_ids, text_ids = self._drop_condition(class_ids, text_ids, generator)
+        if self.config.mode == "ar":
+            scored = torch.ones_like(tokens, dtype=torch.bool)
+            logits = self._image_logits(tokens, class_ids, text_ids)
+        else:
+            scored = self.draw_mask(len(tokens), generator)
+            logits = self._image_logits(tokens.masked_fill(scored, self.mask_id), class_ids, text_ids)
+        logits, targets = logits[scored], tokens[scored]
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing)
+        accuracy = (logits.argmax(-1) == targets).float().mean()
+        return PriorOutput(loss, accuracy.detach(), int(targets.numel()))
+
+    @torch.no_grad()
+    def log_prob(self, indices: torch.Tensor, condition=None, *, batch_size: int = 256) -> torch.Tensor:
+        """Per-token log-probabilities [B, h, w] (computed in eval mode, without gradients).
+
+        ar: exact chain rule, log p(x_i | x_<i, c); the sum over the grid is log p(x | c).
+        mask: a pseudo-log-likelihood, log p(x_i | x_-i, c) with only position i masked. It is not a normalised
+        likelihood of the grid (its sum is not log p(x | c)); it costs L forward passes per grid, run as batches of
+        ``batch_size`` singly-masked copies.
+        """
+        tokens = self._check_tokens(indices)
+        class_ids, text_ids = self._encode_condition(condition, len(tokens))
+        with self._eval_mode():
+            if self.config.mode == "ar":
+                log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
+                per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+            else:
+                per_token = self._pseudo_log_prob(tokens, class_ids, text_ids, batch_size)
+        return per_token.reshape(len(tokens), *self.config.token_grid)
+
+    def _pseudo_log_prob(self, tokens, class_ids, text_ids, batch_size: int) -> torch.Tensor:
+        B, L = tokens.shape
+        per_token = torch.empty(B * L, device=self.device)
+        # Row r of the virtual [B * L] batch is grid r // L with only position r % L masked.
+        for rows in torch.arange(B * L, device=self.device).split(batch_size):
+            grid, position = rows // L, rows % L
+            masked = tokens[grid].clone()
+            masked[torch.arange(len(rows)), position] = self.mask_id
+            logits = self._image_logits(masked, None if class_ids is None else class_ids[grid],
+                                        None if text_ids is None else text_ids[grid])
+            log_probs = logits[torch.arange(len(rows)), position].float().log_softmax(-1)
+            per_token[rows] = log_probs.gather(-1, tokens[grid, position][:, None]).squeeze(-1)
+        return per_token.reshape(B, L)
+
+    @torch.no_grad()
+    def sample(self, n: int, condition=None, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, guidance_scale: float = 1.0, steps: int = 8,
+               remask_temperature: float = 4.5, seed: int | None = None, batch_size: int = 64,
+               grid: tuple[int, int] | None = None, return_logits: bool = False):
+        """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
+
+        ``condition``: as in ``forward``, one for all samples (an int or a str) or one per sample. ``guidance_scale``
+        s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), conditional and unconditional halves
+        run as one batch (s = 1 is the plain conditional model). ``temperature``, ``top_k``, ``top_p`` shape the
+        distribution each token is drawn from. Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay
+        is decided by their log-probability plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``.
+        ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
+        torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
+        also return the (guided) logits [n, h, w, K] that each token was drawn from.
+        """
+        c = self.config
+        if grid is not None and tuple(grid) != tuple(c.token_grid):
+            raise ValueError(f"this prior generates {tuple(c.token_grid)} token grids, got grid={tuple(grid)}")
+        if n < 1 or batch_size < 1 or steps < 1:
+            raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, {steps}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        guidance = None if guidance_scale == 1.0 else float(guidance_scale)
+        self._check_guidance(guidance)
+        class_ids, text_ids = self._encode_condition(condition, n)
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        samples, logits = [], []
+        with self._eval_mode():
+            for batch in torch.arange(n, device=self.device).split(batch_size):
+                cond = (None if class_ids is None else class_ids[batch], None if text_ids is None else text_ids[batch])
+                if c.mode == "ar":
+                    tokens, used = self._sample_ar(len(batch), *cond, guidance, draw)
+                else:
+                    tokens, used = self._sample_mask(len(batch), *cond, guidance, steps, remask_temperature, draw)
+                samples.append(tokens)
+                logits.append(used)
+        samples = torch.cat(samples).reshape(n, *c.token_grid)
+        if return_logits:
+            return samples, torch.cat(logits).reshape(n, *c.token_grid, c.codebook_size)
+        return samples
+
+    def _sample_ar(self, batch: int, class_ids, text_ids, guidance: float | None, draw: dict):
+        """Raster-order decoding, one token per forward pass over cached keys/values."""
+        c = self.config
+        if guidance is not None:
+            class_ids, text_ids = self._with_null(class_ids, text_ids)
+        prefix = self._prefix(class_ids, text_ids, batch * (2 if guidance is not None else 1))
+        caches = [KVCache(len(prefix), c.n_heads, c.prefix_len + c.seq_len, c.d_model // c.n_heads, prefix)
+                  for _ in self.blocks]
+        hidden = self._transformer(prefix, 0, caches)[:, -1]
+        tokens = torch.empty(batch, c.seq_len, dtype=torch.long, device=self.device)
+        used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device)
+        for i in range(c.seq_len):
+            logits = self._head(hidden).float()
+            if guidance is not None:
+                logits = combine_guidance(logits, guidance)
+            used[:, i] = logits
+            tokens[:, i] = sample_from_logits(logits, **draw)[0]
+            if i + 1 < c.seq_len:
+                step_input = tokens[:, i].repeat(2 if guidance is not None else 1)
+                hidden = self._transformer(self.token_emb(step_input)[:, None], c.prefix_len + i, caches)[:, -1]
+        return tokens, used
+
+    def _sample_mask(self, batch: int, class_ids, text_ids, guidance: float | None, steps: int,
+                     remask_temperature: float, draw: dict):
+        """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the
+        rest; a cosine schedule sets how many stay masked after step t (none after the last). Kept tokens are never
+        revisited."""
+        c = self.config
+        L = c.seq_len
+        tokens = torch.full((batch, L), self.mask_id, dtype=torch.long, device=self.device)
+        used = torch.zeros(batch, L, c.codebook_size, device=self.device)
+        for step in range(steps):
+            masked = tokens == self.mask_id
+            num_masked = int(masked[0].sum())  # the same for every grid: they follow one schedule
+            if num_masked == 0:  # more steps than tokens
+                break
+            logits = self._guided_logits(tokens, class_ids, text_ids, guidance).float()
+            drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
+            progress = (step + 1) / steps
+            # At least one new token per step, so that decoding always finishes within `steps`.
+            stay_masked = min(math.floor(L * math.cos(math.pi / 2 * progress)), num_masked - 1)
+            gumbel = -torch.log(-torch.log(uniform((batch, L), draw["generator"], self.device).clamp_(min=1e-20)))
+            confidence = drawn_log_prob.reshape(batch, L) + remask_temperature * (1 - progress) * gumbel
+            confidence = confidence.masked_fill(~masked, float("inf"))  # decoded tokens are never re-masked
+            tokens = torch.where(masked, drawn.reshape(batch, L), tokens)
+            if stay_masked > 0:
+                tokens.scatter_(1, confidence.topk(stay_masked, dim=1, largest=False).indices, self.mask_id)
+            decoded_now = masked & (tokens != self.mask_id)
+            used[decoded_now] = logits[decoded_now]
+        return tokens, used
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Evaluation mode (no dropout, no condition dropout) for the duration, then the previous mode back."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json and model.safetensors into the directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        # weights first, config last: a directory with a config.json always has matching weights
+        atomic_save_safetensors(path / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt", "library": "vqkit"})
+        atomic_write_json(path / CONFIG_NAME, {"model_type": MODEL_TYPE, **self.config.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TokenPrior":
+        path = Path(path)
+        if not path.is_dir():
+            raise VQKitFileError(f"{path}: not a directory (expected a vqkit prior directory with "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+        raw = read_json(path / CONFIG_NAME, "prior config")
+        if not isinstance(raw, dict):
+            raise VQKitFileError(f"{path / CONFIG_NAME}: expected a JSON object")
+        model_type = raw.pop("model_type", None)
+        if model_type != MODEL_TYPE:
+            raise VQKitFileError(f"{path / CONFIG_NAME}: holds a {model_type or 'model of unknown type'}, "
+                                 f"not a {MODEL_TYPE}")
+        model = cls(TokenPriorConfig.from_dict(raw, source=str(path / CONFIG_NAME)))
+        state = read_safetensors(path / WEIGHTS_NAME)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
+                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model.to(device).eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
