@@ -95,7 +95,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def f16(tmp_path_factory):
-    """A small f16 taming VQGAN (ch_mult 1,1,2,2,4; attention at the 4x4 level of a 64x64 input), as a Lightning .ckpt."""
+    """A small f16 taming VQGAN (ch_mult 1,1,2,2,4; attention at the 4x4 level of 64x64 inputs) in a Lightning .ckpt."""
     taming = random_taming_vqgan((1, 1, 2, 2, 4), attn_resolutions=[4], resolution=64)
     ckpt = tmp_path_factory.mktemp("taming") / "last.ckpt"
     torch.save({"state_dict": {**taming.state_dict(), **discriminator_weights()}, "global_step": 7, "epoch": 1}, ckpt)
@@ -116,9 +116,13 @@ def test_f16_checkpoint_converts_with_identical_tokens_and_reconstructions(f16, 
     assert_parity(taming, VQModel.from_pretrained(tmp_path / "out"), 64)
 
 
-def test_ldm_f4_layout_from_a_full_diffusion_checkpoint_with_config(tmp_path):
-    # latent-diffusion VQ-f4: no attention outside the mid blocks; in an LDM checkpoint under first_stage_model.*
+@pytest.mark.parametrize("attn_type", ["vanilla", "none"])
+def test_ldm_f4_layout_from_a_full_diffusion_checkpoint_with_config(attn_type, tmp_path):
+    # latent-diffusion VQ-f4: no attention outside the mid blocks (none at all with attn_type "none"), and inside a
+    # full latent-diffusion checkpoint the autoencoder sits under first_stage_model.*
     taming = random_taming_vqgan((1, 2, 4), attn_resolutions=[], resolution=32, seed=3)
+    if attn_type == "none":  # what latent-diffusion builds for attn_type "none"
+        taming.encoder.mid.attn_1 = taming.decoder.mid.attn_1 = nn.Identity()
     state = {f"first_stage_model.{k}": v for k, v in taming.state_dict().items()}
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(4, 3, 3, 3)
     torch.save(state, tmp_path / "model.ckpt")  # a bare state dict
@@ -126,10 +130,12 @@ def test_ldm_f4_layout_from_a_full_diffusion_checkpoint_with_config(tmp_path):
         "target": "ldm.models.autoencoder.VQModelInterface",
         "params": {"embed_dim": EMBED_DIM, "n_embed": N_EMBED, "ddconfig": {
             "double_z": False, "z_channels": Z_CHANNELS, "resolution": 32, "in_channels": 3, "out_ch": 3,
-            "ch": CH, "ch_mult": [1, 2, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}}}}
+            "ch": CH, "ch_mult": [1, 2, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+            "attn_type": attn_type}}}}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     model = convert_taming_checkpoint(tmp_path / "model.ckpt", tmp_path / "out", tmp_path / "config.yaml")
-    assert (model.config.attn_levels, model.config.mid_attention, model.config.image_size) == ([], True, 32)
+    c = model.config
+    assert (c.channel_mult, c.attn_levels, c.mid_attention, c.image_size) == ([1, 2, 4], [], attn_type != "none", 32)
     assert_parity(taming, model, 32)
 
 

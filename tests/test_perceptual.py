@@ -34,6 +34,15 @@ def random_lpips_v01(generator: torch.Generator) -> dict[str, torch.Tensor]:
             for k, c in enumerate(LPIPS_V01_CHANNELS)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small tensors: on 2 shared cores, OpenMP thread hand-offs cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lpips_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lpips_weights")
@@ -206,6 +215,7 @@ def test_lpips_rejects_a_file_without_the_linear_layers(lpips_files, tmp_path):
 
 def test_lpips_random_weights_are_non_negative_and_grow_with_noise(lpips_random, photos):
     # Random VGG weights prove no perceptual quality; only that more noise moves the features further on average.
-    distances = [float(lpips_random(photos, with_noise(photos, std)).mean()) for std in (0.05, 0.2, 0.8)]
+    small = F.avg_pool2d(photos, 2)
+    distances = [float(lpips_random(small, with_noise(small, std)).mean()) for std in (0.05, 0.2, 0.8)]
     assert 0 < distances[0] < distances[1] < distances[2]
     assert np.isfinite(distances).all()

@@ -54,6 +54,58 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+def cmd_train_prior(args) -> int:
+    from .training.config import resolve_config
+    from .training.run import train_prior
+
+    out = Path(args.out)
+    if args.resume:
+        if args.overrides or args.preset or args.config or args.data or args.tokenizer or args.mode:
+            return _error("--resume continues the saved run config; only --steps may change it")
+        extra = {"steps": args.steps} if args.steps is not None else {}
+        result = train_prior(None, None, out, resume=True, stop_at=args.stop_at, resume_overrides=extra)
+    else:
+        if not args.tokenizer or not args.data:
+            return _error("give --tokenizer DIR (a trained tokenizer) and --data SOURCE")
+        overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
+        cfg = resolve_config(args.data, args.preset, args.config, overrides, kind="prior", mode=args.mode)
+        result = train_prior(cfg, args.tokenizer, out, stop_at=args.stop_at)
+    if result is None:
+        print(f"stopped before the end; continue with: vqkit train prior --out {out} --resume")
+        return 0
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    print(f"prior saved to {out}; sample with: vqkit sample --prior {out} --n 64 --out samples.png")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .apps.generate import decode_samples, load_generator, sampling_kwargs
+    from .data.images import make_grid, save_image
+
+    prior, tokenizer, defaults = load_generator(args.prior)
+    condition = None
+    if args.class_label is not None:
+        condition = {"labels": args.class_label}
+    if args.text is not None:
+        condition = {**(condition or {}), "captions": args.text}
+    kwargs = sampling_kwargs(defaults, prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             guidance_scale=args.guidance, steps=args.steps)
+    grids = prior.sample(args.n, condition, seed=args.seed, batch_size=args.batch_size, **kwargs)
+    images = decode_samples(tokenizer, grids)
+    out = Path(args.out)
+    nrow = args.nrow or min(8, args.n)
+    if out.suffix.lower() == ".png":
+        save_image(out, make_grid(images, nrow=nrow))
+        print(f"wrote a grid of {args.n} samples to {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            save_image(out / f"sample_{i:05d}.png", im)
+        save_image(out / "grid.png", make_grid(images, nrow=nrow))
+        print(f"wrote {args.n} samples and grid.png to {out}")
+    return 0
+
+
 def _print_eval(r: dict) -> None:
     rows = [("data", f"{r['data']} [{r['split']}], {r['num_images']} images"),
             ("PSNR", f"{r['psnr']:.2f} dB"), ("SSIM", f"{r['ssim']:.4f}"),
@@ -307,6 +359,45 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--stop-at", type=int, dest="stop_at", help="stop (with a checkpoint) at this step")
     tt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.codebook_size=1024")
     tt.set_defaults(func=cmd_train_tokenizer)
+
+    tp = tsub.add_parser("prior", help="train a transformer prior over a tokenizer's token grids",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train a TokenPrior (autoregressive or MaskGIT-style masked) on the token grids "
+                         "that a trained tokenizer gives the data. Class labels or captions condition it when the "
+                         "data has them (conditioning=auto). The prior's directory records its tokenizer, so "
+                         "'vqkit sample --prior DIR' needs nothing else.",
+                         epilog="examples:\n  vqkit train prior --tokenizer runs/mnist --data mnist5k --out runs/prior\n"
+                         "  vqkit train prior --tokenizer runs/mnist --data mnist5k --out runs/prior-mask --mode mask\n"
+                         "  vqkit train prior --tokenizer runs/shapes-tok --data shapes --out runs/shapes-prior  # text")
+    tp.add_argument("--tokenizer", help="trained tokenizer directory")
+    tp.add_argument("--data", help="data source (as for the tokenizer)")
+    tp.add_argument("--out", required=True, help="run directory for the prior")
+    tp.add_argument("--mode", choices=["ar", "mask"], help="autoregressive (default) or masked (MaskGIT)")
+    tp.add_argument("--preset", help="named preset (default: <data>-prior-<mode> if it exists, else prior-<mode>)")
+    tp.add_argument("--config", help="YAML config file (applied after the preset)")
+    tp.add_argument("--steps", type=int, help="number of training steps")
+    tp.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tp.add_argument("--stop-at", type=int, dest="stop_at", help="stop (with a checkpoint) at this step")
+    tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prior.n_layers=8")
+    tp.set_defaults(func=cmd_train_prior)
+
+    sm = sub.add_parser("sample", help="generate images with a trained prior",
+                        description="Sample token grids from a prior and decode them with its tokenizer. A .png --out "
+                        "gets a grid; any other --out is a folder that gets one PNG per sample plus grid.png.")
+    sm.add_argument("--prior", required=True, help="prior directory")
+    sm.add_argument("--class", type=int, dest="class_label", help="class label to generate (class-conditional priors)")
+    sm.add_argument("--text", help="caption to generate from (text-conditional priors)")
+    sm.add_argument("--n", type=int, default=64, help="number of samples")
+    sm.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
+    sm.add_argument("--out", required=True, help="grid .png, or a folder")
+    sm.add_argument("--temperature", type=float)
+    sm.add_argument("--top-k", type=int, dest="top_k")
+    sm.add_argument("--top-p", type=float, dest="top_p")
+    sm.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: off)")
+    sm.add_argument("--steps", type=int, help="parallel decoding steps (masked priors)")
+    sm.add_argument("--batch-size", type=int, default=64, dest="batch_size")
+    sm.add_argument("--nrow", type=int, default=0, help="images per grid row")
+    sm.set_defaults(func=cmd_sample)
 
     rec = sub.add_parser("reconstruct", help="tokenize and decode images; side-by-side PNGs and per-image PSNR",
                          description="Tokenize and reconstruct images; writes original|reconstruction PNGs and psnr.csv.")

