@@ -78,12 +78,12 @@ def test_feature_sizes_must_match():
 def test_kernel_distance_near_zero_for_one_distribution_and_positive_for_shifted():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(600, 16)), rng.normal(size=(600, 16))
-    same = kernel_distance(a, b, subsets=20, subset_size=300)
-    shifted = kernel_distance(a, b + 0.5, subsets=20, subset_size=300)
+    same = kernel_distance(a, b, subsets=10, subset_size=300)
+    shifted = kernel_distance(a, b + 0.5, subsets=10, subset_size=300)
     assert isinstance(same, KernelDistance)
     assert abs(same.mean) < 3 * same.std + 1e-3
     assert shifted.mean > 0.05 and shifted.mean > 20 * same.std
-    assert kernel_distance(a, b, subsets=20, subset_size=300) == same  # seeded subsets: the same number again
+    assert kernel_distance(a, b, subsets=10, subset_size=300) == same  # seeded subsets: the same number again
 
 
 # ---------------------------------------------------------------------------------------------------------- classifier
@@ -164,7 +164,7 @@ def test_fd_and_kid_helpers(tiny_classifier, mnist_train, mnist_test):
         tiny_classifier.features(torch.zeros(2, 3, 28, 28))
 
 
-def test_effnet_pooled_features(tmp_path):
+def test_effnet_pooled_features():
     try:
         extractor = EffNetPooledFeatures(image_size=64)
     except FileNotFoundError:
@@ -174,7 +174,7 @@ def test_effnet_pooled_features(tmp_path):
     feats = extractor.features(images)
     assert feats.shape == (6, 1280) and (feats >= 0).all()  # ReLU6 outputs, averaged
     assert extractor.features(images[:, :1]).shape == (6, 1280)  # grayscale repeated to RGB
-    assert fd_between(extractor, images, images) == pytest.approx(0.0, abs=1e-4)
+    assert torch.equal(extractor.features(images[:2]), feats[:2])
     assert extractor.metric_name == "fd_effnet_lite0"
 
 

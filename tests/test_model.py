@@ -13,6 +13,15 @@ from vqkit.io import VQKitFileError
 from vqkit.models.tokenizer import CONFIG_NAME, CONFIG_VERSION, WEIGHTS_NAME
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: one intra-op thread is as fast and does not fight other processes for the cores
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_config(levels: int = 2, **kw) -> VQModelConfig:
     base = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=[1] + [2] * (levels - 1),
                 num_res_blocks=1, z_channels=8, embed_dim=8, codebook_size=16, dead_code_window=0)

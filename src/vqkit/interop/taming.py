@@ -78,13 +78,7 @@ LIGHTNING_CALLBACK_NAMES = (
 
 
 class _LightningCallbackPlaceholder:
-    """Stands in for a Lightning callback class named in checkpoint metadata; holds whatever state it is given."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
+    """Stands in for a Lightning callback class that checkpoint metadata names (only as a dict key)."""
 
 
 # ------------------------------------------------------------------------------------------------------- loading

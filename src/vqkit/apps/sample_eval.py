@@ -1,0 +1,88 @@
+"""Evaluation of generated images: class accuracy, FD and KID against TEST next to the FD(TRAIN, TEST) floor,
+sampling speed, and (for captioned data) caption agreement measured on the images."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ..data.sources import load_source
+
+# generate(n, labels or captions or None, seed, batch_size) -> images [n, C, H, W] in [0, 1]
+GenerateFn = Callable[..., torch.Tensor]
+
+
+def prior_generator(prior, tokenizer, sampling: dict) -> GenerateFn:
+    from .generate import decode_samples, sampling_kwargs
+
+    kwargs = sampling_kwargs(sampling, prior)
+
+    def generate(n, condition=None, seed=0, batch_size=64):
+        grids = prior.sample(n, condition, seed=seed, batch_size=batch_size, **kwargs)
+        return decode_samples(tokenizer, grids)
+
+    return generate
+
+
+def gan_generator(gan) -> GenerateFn:
+    def generate(n, condition=None, seed=0, batch_size=64):
+        labels = condition.get("labels") if isinstance(condition, dict) else None
+        return gan.sample(n, labels=labels, seed=seed, batch_size=batch_size)
+
+    return generate
+
+
+def time_generation(generate: GenerateFn, condition_for: Callable[[int], object], batch_size: int, repeats: int = 3) -> float:
+    """Seconds per image when generating ``batch_size`` images at once (median over ``repeats``, after a warm-up)."""
+    generate(batch_size, condition_for(batch_size), seed=123, batch_size=batch_size)
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        generate(batch_size, condition_for(batch_size), seed=1000 + r, batch_size=batch_size)
+        times.append((time.perf_counter() - t0) / batch_size)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_class: int = 100, seed: int = 0,
+                           batch_size: int = 64, progress: bool = True, timing: bool = True) -> dict:
+    """Class-conditional samples of every class, judged by vqkit's classifier trained on TRAIN only."""
+    from ..metrics.classifier import fd_between, fd_floor, get_classifier, kid_between
+
+    classifier = get_classifier(dataset, progress=progress)
+    test = load_source(dataset, "test")
+    num_classes = test.num_classes
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    t0 = time.perf_counter()
+    images = generate(len(labels), {"labels": labels}, seed=seed, batch_size=batch_size)
+    wall = time.perf_counter() - t0
+    x = images * 2 - 1
+    accuracy = float((classifier.predict(x) == labels).float().mean())
+    kid = kid_between(classifier, x, test, subset_size=min(1000, len(labels), len(test)))
+    result = {
+        "dataset": dataset, "num_samples": len(labels), "class_accuracy": accuracy,
+        "fd": fd_between(classifier, x, test), "kid": kid.mean, "kid_std": kid.std,
+        "fd_floor_train_test": fd_floor(dataset, classifier), "feature_network": classifier.name,
+        "samples_per_second": len(labels) / wall,
+    }
+    if timing:
+        condition_for = lambda n: {"labels": torch.arange(n) % num_classes}  # noqa: E731
+        result["latency_batch1_seconds"] = time_generation(generate, condition_for, 1, repeats=5)
+        result["throughput_batch64_images_per_second"] = 1.0 / time_generation(generate, condition_for, 64)
+    return result
+
+
+@torch.no_grad()
+def evaluate_caption_samples(generate: GenerateFn, dataset: str = "shapes", num: int = 500, seed: int = 0,
+                             batch_size: int = 64) -> dict:
+    """Text-conditional samples for TEST captions, checked by measuring colour, position and shape in the images."""
+    from ..data.shapes import caption_match
+
+    test = load_source(dataset, "test")
+    captions = list(test.captions[:num])
+    images = generate(len(captions), {"captions": captions}, seed=seed, batch_size=batch_size)
+    checks = [caption_match(images[i], test.attributes[i]) for i in range(len(captions))]
+    share = {k: sum(c[k] for c in checks) / len(checks) for k in ("colour", "position", "shape", "all")}
+    return {"dataset": dataset, "num_samples": len(captions), **{f"match_{k}": v for k, v in share.items()}}
