@@ -157,6 +157,10 @@ def _print_eval(r: dict) -> None:
             ("codebook usage", f"{100 * r['codebook_usage']:.1f}% ({r['codes_used']}/{r['codebook_size']})"),
             ("perplexity", f"{r['perplexity']:.1f}"),
             ("tokens", f"{r['token_grid'][0]}x{r['token_grid'][1]}"), ("bits/image", f"{r['bits_per_image']:.0f}")]
+    for key in ("fd_classifier", "fd_effnet_lite0"):
+        if key in r:
+            floor = f" (floor FD(TRAIN, TEST) {r['fd_floor_train_test']:.3f})" if "fd_floor_train_test" in r else ""
+            rows.append((f"recon. {key}", f"{r[key]:.3f}{floor}"))
     if "train_seconds" in r:
         rows.append(("training time", f"{r['train_seconds']:.0f} s"))
     width = max(len(k) for k, _ in rows)
@@ -347,7 +351,7 @@ def cmd_eval_tokenizer(args) -> int:
     source = load_source(args.data, args.split)
     if source.channels != model.config.in_channels:
         return _error(f"{args.data}: {source.channels}-channel images, but the tokenizer takes {model.config.in_channels}")
-    result = evaluate_tokenizer(model, source, args.batch_size, progress=True)
+    result = evaluate_tokenizer(model, source, args.batch_size, progress=True, feature_distance=not args.no_fd)
     _print_eval(result)
     if args.json:
         from .io import atomic_write_json
@@ -477,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--data", required=True, help="data source (as for training)")
     et.add_argument("--split", default="test", choices=["train", "test"])
     et.add_argument("--batch-size", type=int, default=250, dest="batch_size")
+    et.add_argument("--no-fd", action="store_true", dest="no_fd",
+                    help="skip the reconstruction FD (it trains vqkit's classifier once, ~1-2 min, then caches it)")
     et.add_argument("--json", help="also write the results to this JSON file")
     et.set_defaults(func=cmd_eval_tokenizer)
 
