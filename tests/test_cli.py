@@ -84,7 +84,9 @@ def test_info(model_dir, capsys):
 
 def test_eval_json(model_dir, tmp_path, capsys):
     target = tmp_path / "sub" / "e.json"
-    assert main(["eval", "tokenizer", "--model", str(model_dir), "--data", "mnist5k", "--json", str(target)]) == 0
+    # --no-fd: the reconstruction FD trains a classifier first (minutes); it has tests of its own
+    assert main(["eval", "tokenizer", "--model", str(model_dir), "--data", "mnist5k", "--no-fd",
+                 "--json", str(target)]) == 0
     ev = json.loads(target.read_text())
     for key in ("psnr", "ssim", "codebook_usage", "perplexity", "bits_per_image"):
         assert key in ev
@@ -211,6 +213,15 @@ def test_nonexistent_folder(tmp_path, model_dir, capsys):
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     err = run_err(["train", "tokenizer", "--out", str(tmp_path / "empty"), "--resume"], capsys)
     assert "resume" in err and str(tmp_path / "empty") in err
+
+
+def test_resume_cannot_change_the_config(model_dir, capsys):
+    before = (model_dir / "model.safetensors").read_bytes()
+    err = run_err(["train", "tokenizer", "--out", str(model_dir), "--resume", "--data", "mnist5k"], capsys)
+    assert "--resume" in err
+    err = run_err(["train", "tokenizer", "--out", str(model_dir), "--resume", "model.codebook_size=8"], capsys)
+    assert "--steps" in err
+    assert (model_dir / "model.safetensors").read_bytes() == before
 
 
 def test_existing_run_without_resume(model_dir, capsys):

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,10 @@ def run_processes(cmds: list[list[str]], cwd: Path, timeout: float = TIMEOUT) ->
     procs = [subprocess.Popen(c, cwd=cwd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in cmds]
     outputs = []
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=timeout)
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             outputs.append(subprocess.CompletedProcess(p.args, p.returncode, out, None))
     except subprocess.TimeoutExpired:
         for p in procs:

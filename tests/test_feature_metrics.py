@@ -38,7 +38,7 @@ def mnist_test():
     return load_source("mnist5k", "test")
 
 
-# ---------------------------------------------------------------------------------------------------------- fd.py
+# ---------------------------------------------------------------------------------------------------------------- fd.py
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
@@ -86,7 +86,7 @@ def test_kernel_distance_near_zero_for_one_distribution_and_positive_for_shifted
     assert kernel_distance(a, b, subsets=10, subset_size=300) == same  # seeded subsets: the same number again
 
 
-# ---------------------------------------------------------------------------------------------------------- classifier
+# ----------------------------------------------------------------------------------------------------------- classifier
 
 
 def test_random_affine_identity_and_black_fill():

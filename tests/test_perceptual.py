@@ -1,4 +1,4 @@
-"""Perceptual distances: LPIPS plumbing (random weights in the real file formats) and EffNetFeatureDistance on photos."""
+"""Perceptual distances: LPIPS plumbing (random weights in the real file formats), EffNetFeatureDistance on photos."""
 
 from __future__ import annotations
 

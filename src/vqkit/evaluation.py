@@ -32,7 +32,8 @@ def reconstruction_fd(originals: torch.Tensor, reconstructions: torch.Tensor, da
     from .metrics.classifier import fd_between, fd_floor, get_classifier
 
     if dataset in ("mnist5k",):
-        clf = get_classifier(dataset, progress=progress)
+        with torch.enable_grad():  # the first call trains the classifier (then it is cached)
+            clf = get_classifier(dataset, progress=progress)
         return {"fd_classifier": fd_between(clf, originals, reconstructions),
                 "fd_floor_train_test": fd_floor(dataset, clf), "fd_feature_network": clf.name}
     if originals.shape[1] == 3:

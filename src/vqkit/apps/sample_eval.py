@@ -51,7 +51,8 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     """Class-conditional samples of every class, judged by vqkit's classifier trained on TRAIN only."""
     from ..metrics.classifier import fd_between, fd_floor, get_classifier, kid_between
 
-    classifier = get_classifier(dataset, progress=progress)
+    with torch.enable_grad():  # the first call trains the classifier (then it is cached)
+        classifier = get_classifier(dataset, progress=progress)
     test = load_source(dataset, "test")
     num_classes = test.num_classes
     labels = torch.arange(num_classes).repeat_interleave(per_class)

