@@ -162,15 +162,20 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 class KVCache:
-    """Keys and values of one attention layer for the positions processed so far, in preallocated buffers."""
+    """Keys and values of one attention layer for the positions processed so far, in buffers of ``max_len``
+    positions allocated on the first call (in the dtype of the keys, which autocast may have lowered)."""
 
-    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: torch.Tensor):
-        self.keys = like.new_empty(batch, n_heads, max_len, head_dim)
-        self.values = like.new_empty(batch, n_heads, max_len, head_dim)
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.keys = self.values = None
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v [B, H, T, hd]; return those of all positions so far."""
+        if self.keys is None:
+            batch, heads, _, head_dim = k.shape
+            self.keys = k.new_empty(batch, heads, self.max_len, head_dim)
+            self.values = v.new_empty(batch, heads, self.max_len, head_dim)
         end = self.length + k.shape[2]
         self.keys[:, :, self.length:end] = k
         self.values[:, :, self.length:end] = v
@@ -588,8 +593,7 @@ class TokenPrior(nn.Module):
         if guidance is not None:
             class_ids, text_ids = self._with_null(class_ids, text_ids)
         prefix = self._prefix(class_ids, text_ids, batch * (2 if guidance is not None else 1))
-        caches = [KVCache(len(prefix), c.n_heads, c.prefix_len + c.seq_len, c.d_model // c.n_heads, prefix)
-                  for _ in self.blocks]
+        caches = [KVCache(c.prefix_len + c.seq_len) for _ in self.blocks]
         hidden = self._transformer(prefix, 0, caches)[:, -1]
         tokens = torch.empty(batch, c.seq_len, dtype=torch.long, device=self.device)
         used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device)

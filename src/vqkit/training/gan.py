@@ -35,12 +35,23 @@ SPEED_SAMPLES = 500  # images generated to measure samples/s for eval.json
 
 
 @dataclass
+class GANOptimConfig(OptimConfig):
+    """DCGAN's Adam settings, a constant learning rate and no clipping. A subclass rather than an OptimConfig with
+    other values: ``_build`` fills the keys a config leaves out from the class defaults, so these survive a config
+    that sets only, say, ``optim.lr``."""
+
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float = 0.0
+
+
+@dataclass
 class GANTrainConfig:
     model: DCGANConfig = field(default_factory=DCGANConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # DCGAN's Adam settings, constant learning rate, no clipping
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, betas=[0.5, 0.999], warmup_steps=0,
-                                                                   schedule="constant", grad_clip=0.0))
+    optim: GANOptimConfig = field(default_factory=GANOptimConfig)
     loss: str = "hinge"  # hinge | non-saturating
     d_steps: int = 1  # discriminator updates per generator update
     conditioning: str = "auto"  # auto (class labels when the data has them) | none | class
