@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import VQKitFileError, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from .pretrained import PretrainedMixin, config_from_dict
 from .text import TEXT_VOCABS, make_text_tokenizer
 
 CONFIG_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "vqkit.TokenPrior"
 MODES = ("ar", "mask")
 
 
@@ -112,19 +108,7 @@ class TokenPriorConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TokenPriorConfig":
-        d = dict(d)
-        version = int(d.get("config_version", 1))
-        if version > CONFIG_VERSION:
-            raise VQKitFileError(f"{source}: config_version {version} was written by a newer vqkit "
-                                 f"(this one reads up to {CONFIG_VERSION}); upgrade vqkit")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown config keys {unknown}")
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except (TypeError, ValueError) as e:
-            raise VQKitFileError(f"{source}: {e}") from None
+        return config_from_dict(cls, d, source, CONFIG_VERSION)
 
 
 @dataclass
@@ -273,7 +257,7 @@ def combine_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------- model
-class TokenPrior(nn.Module):
+class TokenPrior(PretrainedMixin, nn.Module):
     def __init__(self, config: TokenPriorConfig | None = None, **kwargs):
         super().__init__()
         if config is None:
@@ -647,35 +631,6 @@ class TokenPrior(nn.Module):
         finally:
             self.train(was_training)
 
-    # ------------------------------------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json and model.safetensors into the directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # weights first, config last: a directory with a config.json always has matching weights
-        atomic_save_safetensors(path / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt", "library": "vqkit"})
-        atomic_write_json(path / CONFIG_NAME, {"model_type": MODEL_TYPE, **self.config.to_dict()})
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TokenPrior":
-        path = Path(path)
-        if not path.is_dir():
-            raise VQKitFileError(f"{path}: not a directory (expected a vqkit prior directory with "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-        raw = read_json(path / CONFIG_NAME, "prior config")
-        if not isinstance(raw, dict):
-            raise VQKitFileError(f"{path / CONFIG_NAME}: expected a JSON object")
-        model_type = raw.pop("model_type", None)
-        if model_type != MODEL_TYPE:
-            raise VQKitFileError(f"{path / CONFIG_NAME}: holds a {model_type or 'model of unknown type'}, "
-                                 f"not a {MODEL_TYPE}")
-        model = cls(TokenPriorConfig.from_dict(raw, source=str(path / CONFIG_NAME)))
-        state = read_safetensors(path / WEIGHTS_NAME)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return model.to(device).eval()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+TokenPrior.MODEL_TYPE = "vqkit.TokenPrior"
+TokenPrior.CONFIG_CLASS = TokenPriorConfig

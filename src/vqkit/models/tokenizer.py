@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import VQKitFileError, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from ..quantizers import QuantizerOutput, VectorQuantizer
 from .autoencoder import Decoder, Encoder
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin, config_from_dict  # noqa: F401 (re-exported)
 
 CONFIG_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -84,16 +81,7 @@ class VQModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "VQModelConfig":
-        d = dict(d)
-        version = int(d.get("config_version", 1))
-        if version > CONFIG_VERSION:
-            raise VQKitFileError(f"{source}: config_version {version} was written by a newer vqkit "
-                                 f"(this one reads up to {CONFIG_VERSION}); upgrade vqkit")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown config keys {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, source, CONFIG_VERSION)
 
 
 @dataclass
@@ -104,7 +92,9 @@ class VQOutput:
     stats: dict
 
 
-class VQModel(nn.Module):
+class VQModel(PretrainedMixin, nn.Module):
+    MODEL_TYPE = "vqkit.VQModel"
+
     def __init__(self, config: VQModelConfig | None = None, **kwargs):
         super().__init__()
         if config is None:
@@ -204,37 +194,5 @@ class VQModel(nn.Module):
             y = y[..., : size[0], : size[1]]
         return ((y.float() + 1) / 2).clamp(0, 1)
 
-    # ------------------------------------------------------------------------------------------------- persistence
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # weights first, config last: a directory with a config.json always has matching weights
-        atomic_save_safetensors(path / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt", "library": "vqkit"})
-        atomic_write_json(path / CONFIG_NAME, {"model_type": "vqkit.VQModel", **self.config.to_dict()})
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VQModel":
-        path = Path(path)
-        if not path.is_dir():
-            raise VQKitFileError(f"{path}: not a directory (expected a vqkit model directory with "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-        raw = read_json(path / CONFIG_NAME, "model config")
-        if not isinstance(raw, dict):
-            raise VQKitFileError(f"{path / CONFIG_NAME}: expected a JSON object")
-        model_type = raw.pop("model_type", "vqkit.VQModel")
-        if model_type != "vqkit.VQModel":
-            raise VQKitFileError(f"{path / CONFIG_NAME}: holds a {model_type}, not a vqkit.VQModel")
-        config = VQModelConfig.from_dict(raw, source=str(path / CONFIG_NAME))
-        model = cls(config)
-        state = read_safetensors(path / WEIGHTS_NAME)
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # tensors of other shapes (e.g. another codebook_size) than config.json describes
-            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} ({e})") from None
-        if missing or unexpected:
-            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return model.to(device).eval()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+VQModel.CONFIG_CLASS = VQModelConfig

@@ -20,7 +20,7 @@ from ..models.tokenizer import VQModelConfig
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # The preset a newcomer gets when they name only the data.
-DEFAULT_PRESETS = {"mnist5k": "mnist-vqvae", "digits": "digits-vqvae", "photos": "photos-vqvae"}
+DEFAULT_PRESETS = {"mnist5k": "mnist-vqvae", "digits": "digits-vqvae", "photos": "photos-vqvae", "shapes": "shapes-vqvae"}
 FALLBACK_PRESET = "folder-vqvae"
 
 
