@@ -39,11 +39,11 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class ClassifierRecipe:
     """Architecture and training hyper-parameters; its hash (with the dataset) names the cache entry."""
 
-    stage_widths: tuple[tuple[int, ...], ...] = ((32,), (64,))  # 3x3 conv widths per stage; a 2x2 max-pool after each
-    grid: int = 7  # the last feature map is average-pooled to grid x grid, then flattened
+    stage_widths: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,))  # 3x3 convs per stage, each closed by a pool
+    grid: int = 3  # the last feature map is average-pooled to grid x grid, then flattened
     hidden: int = 128  # width of the penultimate layer: the features
     dropout: float = 0.3
-    epochs: int = 12
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -175,7 +175,8 @@ def _fit(network: SmallCNN, images, labels, recipe: ClassifierRecipe, device, pr
         total_steps = min(total_steps, recipe.max_steps)
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    network.train()
+    # channels_last runs these small CPU convolutions ~30% faster; the weights go back to the default layout after.
+    network.to(memory_format=torch.channels_last).train()
     step = 0
     with tqdm(total=total_steps, desc=desc, disable=not progress, leave=False) as bar:
         while step < total_steps:
@@ -183,7 +184,7 @@ def _fit(network: SmallCNN, images, labels, recipe: ClassifierRecipe, device, pr
             for batch in order.split(recipe.batch_size):
                 if step == total_steps:
                     break
-                x = random_affine(images[batch], generator, recipe).to(device)
+                x = random_affine(images[batch], generator, recipe).to(device, memory_format=torch.channels_last)
                 loss = F.cross_entropy(network(x), labels[batch].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -192,6 +193,7 @@ def _fit(network: SmallCNN, images, labels, recipe: ClassifierRecipe, device, pr
                 step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    network.to(memory_format=torch.contiguous_format)
 
 
 class FeatureClassifier:
