@@ -206,11 +206,14 @@ def test_effnet_missing_weights_error(tmp_path):
         EffNetFeatureDistance(weights=tmp_path / "absent.pth")
 
 
-def test_lpips_rejects_a_file_without_the_linear_layers(lpips_files, tmp_path):
+def test_lpips_rejects_wrong_or_corrupt_files(lpips_files, tmp_path):
     vgg_path, _, _, _ = lpips_files
     torch.save({"something": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="lin0.model.1.weight"):
         LPIPS(vgg_weights=vgg_path, lpips_weights=tmp_path / "wrong.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth: not a readable PyTorch weight file"):
+        LPIPS(vgg_weights=vgg_path, lpips_weights=tmp_path / "corrupt.pth")
 
 
 def test_lpips_random_weights_are_non_negative_and_grow_with_noise(lpips_random, photos):

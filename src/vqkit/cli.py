@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prior.n_layers=8")
     tp.set_defaults(func=cmd_train_prior)
 
+    from .training.gan import add_train_gan_parser
+
+    add_train_gan_parser(tsub)
+
     sm = sub.add_parser("sample", help="generate images with a trained prior",
                         description="Sample token grids from a prior and decode them with its tokenizer. A .png --out "
                         "gets a grid; any other --out is a folder that gets one PNG per sample plus grid.png.")
@@ -515,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .interop.taming import add_convert_parser
 
     add_convert_parser(sub)
+
+    from .report import add_report_parser
+
+    add_report_parser(sub)
 
     info = sub.add_parser("info", help="describe a model directory", description="Describe a model directory.")
     info.add_argument("dir", help="model directory")

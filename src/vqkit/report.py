@@ -18,12 +18,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .data.images import save_image
 from .io import VQKitFileError, atomic_write_text, read_json
 
 RUN_FILES = ("config.json", "train_config.json", "eval.json", "metrics.jsonl")
 FINAL_IMAGES = ("reconstructions.png", "samples.png")
+SMALL_IMAGE_WIDTH = 400  # pixels; narrower pictures are doubled on the page (pixelated, not blurred)
 
 # Curve groups: (name, panels); a panel is the metrics.jsonl keys drawn on one pair of axes. Keys a run did not log
 # are left out, and so are groups left empty.
@@ -203,8 +205,12 @@ def key_value_table(values: dict) -> str:
 
 
 def image_tag(path: Path, caption: str) -> str:
+    """A captioned <img> with the PNG embedded; small grids (MNIST-sized tiles) are shown at twice their size."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{html.escape(caption)}\">"
+    with Image.open(path) as picture:
+        width = picture.width
+    shown = 2 * width if width < SMALL_IMAGE_WIDTH else width
+    return (f"<figure><img src=\"data:image/png;base64,{data}\" width=\"{shown}\" alt=\"{html.escape(caption)}\">"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import read_safetensors
+from ..io import VQKitFileError, read_safetensors
 
 PERCEPTUAL_KINDS = ("none", "lpips", "effnet")
 DEFAULT_MIN_SIZE = 32
@@ -79,9 +80,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise VQKitFileError(f"{path}: not a readable PyTorch weight file ({err})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+        raise VQKitFileError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     return state
 
 

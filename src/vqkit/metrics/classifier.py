@@ -47,6 +47,7 @@ class ClassifierRecipe:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
     max_rotation_degrees: float = 12.0
     max_scale: float = 0.1  # zoom in/out by up to this fraction
     max_shift: float = 0.1  # as a fraction of the image side
@@ -90,7 +91,7 @@ class SmallCNN(nn.Module):
     Flattening a small grid rather than pooling globally keeps where strokes are, which tells digits apart.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, recipe: "ClassifierRecipe"):
+    def __init__(self, in_channels: int, num_classes: int, recipe: ClassifierRecipe):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -148,7 +149,9 @@ def _training_subset(images, labels, recipe: ClassifierRecipe):
 
 
 def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def train_network(source: ImageSource, recipe: ClassifierRecipe, device: str = "cpu",
@@ -185,7 +188,7 @@ def _fit(network: SmallCNN, images, labels, recipe: ClassifierRecipe, device, pr
                 if step == total_steps:
                     break
                 x = random_affine(images[batch], generator, recipe).to(device, memory_format=torch.channels_last)
-                loss = F.cross_entropy(network(x), labels[batch].to(device))
+                loss = F.cross_entropy(network(x), labels[batch].to(device), label_smoothing=recipe.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -24,21 +24,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
 
-from ..io import VQKitFileError, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from .pretrained import PretrainedMixin, config_from_dict
 
 CONFIG_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "vqkit.DCGAN"
 MAX_WIDTH_MULT = 8  # widths grow by 2x per resolution level up to 8x the base (DCGAN's 64-512 at 64x64)
 
 
@@ -83,19 +78,7 @@ class DCGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "DCGANConfig":
-        d = dict(d)
-        version = int(d.get("config_version", 1))
-        if version > CONFIG_VERSION:
-            raise VQKitFileError(f"{source}: config_version {version} was written by a newer vqkit "
-                                 f"(this one reads up to {CONFIG_VERSION}); upgrade vqkit")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown config keys {unknown}")
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except (TypeError, ValueError) as e:
-            raise VQKitFileError(f"{source}: {e}") from None
+        return config_from_dict(cls, d, source, CONFIG_VERSION)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -188,8 +171,11 @@ class Discriminator(nn.Module):
         return logits
 
 
-class DCGAN(nn.Module):
-    """Generator and discriminator of one GAN, saved and loaded together."""
+class DCGAN(PretrainedMixin, nn.Module):
+    """Generator and discriminator of one GAN, saved and loaded together (config.json + model.safetensors)."""
+
+    MODEL_TYPE = "vqkit.DCGAN"
+    CONFIG_CLASS = DCGANConfig
 
     def __init__(self, config: DCGANConfig | None = None, **kwargs):
         super().__init__()
@@ -221,7 +207,8 @@ class DCGAN(nn.Module):
         if len(ids) != n:
             raise ValueError(f"got {len(ids)} class labels for {n} samples")
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= classes):
-            raise ValueError(f"class labels must be in [0, {classes}), got values in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(f"class labels must be in [0, {classes}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.to(self.device)
 
     @contextlib.contextmanager
@@ -253,39 +240,6 @@ class DCGAN(nn.Module):
                 batch = self.generator(z[rows], None if class_ids is None else class_ids[rows])
                 images.append(((batch.float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(images)
-
-    # ------------------------------------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json and model.safetensors (both networks) into the directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # weights first, config last: a directory with a config.json always has matching weights
-        atomic_save_safetensors(path / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt", "library": "vqkit"})
-        atomic_write_json(path / CONFIG_NAME, {"model_type": MODEL_TYPE, **self.config.to_dict()})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DCGAN":
-        path = Path(path)
-        if not path.is_dir():
-            raise VQKitFileError(f"{path}: not a directory (expected a vqkit GAN directory with "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-        raw = read_json(path / CONFIG_NAME, "GAN config")
-        if not isinstance(raw, dict):
-            raise VQKitFileError(f"{path / CONFIG_NAME}: expected a JSON object")
-        model_type = raw.pop("model_type", None)
-        if model_type != MODEL_TYPE:
-            raise VQKitFileError(f"{path / CONFIG_NAME}: holds a {model_type or 'model of unknown type'}, "
-                                 f"not a {MODEL_TYPE}")
-        model = cls(DCGANConfig.from_dict(raw, source=str(path / CONFIG_NAME)))
-        state = read_safetensors(path / WEIGHTS_NAME)
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # tensors of other shapes than config.json describes
-            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} ({e})") from None
-        if missing or unexpected:
-            raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return model.to(device).eval()
 
     def num_parameters(self, part: str | None = None) -> int:
         """Parameters of both networks, or of ``part`` ("generator" or "discriminator")."""

@@ -147,13 +147,21 @@ def _build(cls, values: dict, where: str):
         f = fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value if value is not None else {}, f"{where}.{name}")
+            # start from the field's own default (a section may set defaults that differ from its class's)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a mapping, got {type(value).__name__}")
+            section = _merge(_shallow_dict(default), value or {})
+            kwargs[name] = _build(type(default), section, f"{where}.{name}")
         else:
             kwargs[name] = _check_type(value, hints.get(name), f"{where}.{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _shallow_dict(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def _check_type(value, hint, where: str):
@@ -250,16 +258,33 @@ def default_prior_preset(data: str | None, mode: str) -> str:
     return name if (PRESET_DIR / f"{name}.yaml").is_file() else f"prior-{mode}"
 
 
+def config_class(kind: str):
+    if kind == "tokenizer":
+        return TrainConfig
+    if kind == "prior":
+        return PriorTrainConfig
+    if kind == "gan":
+        from .gan import GANTrainConfig
+
+        return GANTrainConfig
+    raise ValueError(f"unknown config kind {kind!r}")
+
+
+def default_preset(kind: str, data: str, mode: str | None = None) -> str | None:
+    if kind == "prior":
+        return default_prior_preset(data, mode or "ar")
+    if kind == "gan":
+        return {"mnist5k": "mnist-gan"}.get(data)
+    return DEFAULT_PRESETS.get(data, FALLBACK_PRESET)
+
+
 def resolve_config(data: str | None = None, preset: str | None = None, config_file: str | None = None,
                    overrides: list[str] | None = None, kind: str = "tokenizer", mode: str | None = None):
     """Defaults <- preset (named or chosen from the data source) <- YAML file <- key=value overrides <- --data
-    (and --mode for priors). ``kind``: "tokenizer" -> TrainConfig, "prior" -> PriorTrainConfig."""
+    (and --mode for priors). ``kind``: "tokenizer" (TrainConfig), "prior" (PriorTrainConfig) or "gan"."""
     values: dict = {}
     if preset is None and config_file is None and data:
-        if kind == "prior":
-            preset = default_prior_preset(str(data), mode or "ar")
-        else:
-            preset = DEFAULT_PRESETS.get(str(data), FALLBACK_PRESET)
+        preset = default_preset(kind, str(data), mode)
     if preset:
         values = _merge(values, load_yaml(preset_path(preset)))
         values["preset"] = preset
@@ -271,8 +296,8 @@ def resolve_config(data: str | None = None, preset: str | None = None, config_fi
         values = _merge(values, {"data": {"source": str(data)}})
     if mode:
         values = _merge(values, {"prior": {"mode": mode}})
-    return _build(PriorTrainConfig if kind == "prior" else TrainConfig, values, "config")
+    return _build(config_class(kind), values, "config")
 
 
 def config_from_dict(d: dict, where: str = "config", kind: str = "tokenizer"):
-    return _build(PriorTrainConfig if kind == "prior" else TrainConfig, d, where)
+    return _build(config_class(kind), d, where)

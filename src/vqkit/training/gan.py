@@ -23,22 +23,18 @@ from ..io import atomic_write_json, read_json
 from ..losses.adversarial import GAN_LOSS_KINDS, discriminator_loss, generator_loss
 from ..models.gan import DCGAN, DCGANConfig
 from .checkpoint import latest_checkpoint
-from .config import ConfigError, DataConfig, OptimConfig, _build, _merge, load_yaml, parse_overrides, preset_path
+from .config import ConfigError, DataConfig, OptimConfig, config_from_dict, resolve_config
 from .run import RUN_CONFIG, open_sources, prepare_run_dir
 from .tasks import autocast_context
 from .trainer import Trainer, lr_at
 
-# The preset a newcomer gets when they name only the data; other data gets the dataclass defaults.
-DEFAULT_GAN_PRESETS = {"mnist5k": "mnist-gan"}
 CONDITIONING = ("auto", "none", "class")
 SPEED_SAMPLES = 500  # images generated to measure samples/s for eval.json
 
 
 @dataclass
 class GANOptimConfig(OptimConfig):
-    """DCGAN's Adam settings, a constant learning rate and no clipping. A subclass rather than an OptimConfig with
-    other values: ``_build`` fills the keys a config leaves out from the class defaults, so these survive a config
-    that sets only, say, ``optim.lr``."""
+    """DCGAN's Adam settings, a constant learning rate and no clipping."""
 
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
@@ -80,21 +76,8 @@ class GANTrainConfig:
 
 def resolve_gan_config(data: str | None = None, preset: str | None = None, config_file: str | None = None,
                        overrides: list[str] | None = None) -> GANTrainConfig:
-    """Defaults <- preset (named, or chosen from the data source) <- YAML file <- key=value overrides <- --data,
-    in the same order as ``config.resolve_config``."""
-    values: dict = {}
-    if preset is None and config_file is None and data:
-        preset = DEFAULT_GAN_PRESETS.get(str(data))
-    if preset:
-        values = _merge(values, load_yaml(preset_path(preset)))
-        values["preset"] = preset
-    if config_file:
-        values = _merge(values, load_yaml(config_file))
-    if overrides:
-        values = _merge(values, parse_overrides(overrides))
-    if data:
-        values = _merge(values, {"data": {"source": str(data)}})
-    return _build(GANTrainConfig, values, "config")
+    """Defaults <- preset (named, or chosen from the data source) <- YAML file <- key=value overrides <- --data."""
+    return resolve_config(data, preset, config_file, overrides, kind="gan")
 
 
 def noise(cfg: GANTrainConfig, step: int, draw: int, n: int, latent_dim: int, device: torch.device) -> torch.Tensor:
@@ -222,7 +205,7 @@ def _resumed_config(out_dir: Path, overrides: dict | None) -> GANTrainConfig:
         raise ConfigError(f"--resume: {out_dir} holds no run to resume (no {RUN_CONFIG} or no checkpoint)")
     values = read_json(saved, "run config")
     values.update(overrides or {})
-    return _build(GANTrainConfig, values, str(saved))
+    return config_from_dict(values, str(saved), kind="gan")
 
 
 def _num_classes(cfg: GANTrainConfig, source) -> int | None:
@@ -295,7 +278,7 @@ def add_train_gan_parser(train_subparsers) -> argparse.ArgumentParser:
         description="Train a DCGAN-style GAN on the same data as the tokenizer, as a baseline for the tokenizer + "
         "prior pipeline. It is class-conditional (projection discriminator) when the data has labels. DIR then "
         "loads with vqkit.models.gan.DCGAN.from_pretrained(DIR) and samples like a prior.",
-        epilog="examples:\n  vqkit train gan --data mnist5k --out runs/gan      # preset mnist-gan (~5 min on 2 CPU cores)\n"
+        epilog="examples:\n  vqkit train gan --data mnist5k --out runs/gan   # preset mnist-gan (~5 min on a CPU)\n"
         "  vqkit train gan --out runs/gan --resume\n  vqkit train gan --data ~/faces --out runs/faces-gan "
         "data.image_size=64 model.g_channels=64")
     p.add_argument("--data", help="mnist5k | digits | photos | a folder of images | a .npy/.npz file")
