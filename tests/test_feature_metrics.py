@@ -16,7 +16,8 @@ from vqkit.metrics.classifier import (ClassifierRecipe, EffNetPooledFeatures, Fe
 from vqkit.metrics.fd import KernelDistance, frechet_distance, frechet_distance_from_stats, kernel_distance
 
 # A few seconds of training on a subset: enough to test the plumbing, not to classify well.
-TINY = ClassifierRecipe(stage_widths=((4,), (8,)), epochs=1, batch_size=32, max_train_images=256, max_steps=6)
+TINY = ClassifierRecipe(stage_widths=((4,), (8,)), grid=2, hidden=16, epochs=1, batch_size=32, max_train_images=256,
+                        max_steps=6)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,6 +62,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     assert frechet_distance(samples_a, samples_b) == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy warns before the eps offset takes over
 def test_frechet_distance_with_singular_covariances_is_finite():
     rng = np.random.default_rng(0)
     few_a, few_b = rng.normal(size=(5, 12)), rng.normal(size=(5, 12)) + 1  # rank 4 covariances in 12 dimensions
@@ -129,7 +131,7 @@ def test_get_classifier_trains_once_then_loads_from_cache(tmp_path, monkeypatch,
     assert len(trainings) == 1
     assert (folder / "model.safetensors").stat().st_mtime_ns == weights_mtime
     images = mnist_test.tensors()[0][:50]
-    assert loaded.features(images).shape == (50, 8)
+    assert loaded.features(images).shape == (50, 16)
     assert torch.equal(loaded.features(images), trained.features(images))
     assert loaded.predict(images).shape == (50,)
     assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []

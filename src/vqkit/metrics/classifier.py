@@ -47,7 +47,7 @@ class ClassifierRecipe:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     max_rotation_degrees: float = 12.0
     max_scale: float = 0.1  # zoom in/out by up to this fraction
     max_shift: float = 0.1  # as a fraction of the image side
