@@ -1,0 +1,109 @@
+"""End-to-end generation through the CLI with tiny models: train a tokenizer, train a prior over its tokens (class-
+and text-conditional), sample to a grid and to a folder, resume, and the errors a user meets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqkit.apps.generate import load_generator, resolve_tokenizer_path
+from vqkit.cli import main
+from vqkit.io import VQKitFileError
+
+TINY_TOKENIZER = ["steps=4", "batch_size=16", "log_every=2", "image_every=0", "ckpt_every=4", "eval_batch_size=500",
+                  "model.base_channels=8", "model.channel_mult=[1,2]", "model.z_channels=8", "model.embed_dim=8",
+                  "model.codebook_size=32", "model.kmeans_init=false"]
+TINY_PRIOR = ["batch_size=16", "log_every=2", "image_every=3", "ckpt_every=3", "eval_batch_size=500",
+              "prior.d_model=32", "prior.n_layers=1", "prior.n_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "tok"
+    assert main(["train", "tokenizer", "--data", "mnist5k", "--out", str(out), *TINY_TOKENIZER]) == 0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_train_prior_then_sample(tokenizer_dir, tmp_path, mode):
+    prior = tmp_path / "prior"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(prior),
+                 "--mode", mode, "--steps", "6", *TINY_PRIOR]) == 0
+    config = json.loads((prior / "config.json").read_text())
+    assert config["mode"] == mode and config["num_classes"] == 10 and config["token_grid"] == [14, 14]
+    assert config["codebook_size"] == 32
+    ev = json.loads((prior / "eval.json").read_text())
+    assert ev["mode"] == mode and ev["num_images"] == 1000
+    assert (prior / "samples.png").is_file() and (prior / "images" / "samples_00000003.png").is_file()
+    # sampling: a .png gets a grid, anything else a folder of per-sample PNGs at the data's resolution + grid.png
+    assert main(["sample", "--prior", str(prior), "--class", "3", "--n", "5", "--seed", "1",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] > 28
+    assert main(["sample", "--prior", str(prior), "--n", "3", "--out", str(tmp_path / "many")]) == 0
+    files = sorted(p.name for p in (tmp_path / "many").iterdir())
+    assert files == ["grid.png", "sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    assert Image.open(tmp_path / "many" / "sample_00000.png").size == (28, 28)
+
+
+def test_samples_are_seeded(tokenizer_dir, tmp_path):
+    prior = tmp_path / "prior"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(prior),
+                 "--steps", "3", *TINY_PRIOR]) == 0
+    a, b, c = (tmp_path / n for n in ("a.png", "b.png", "c.png"))
+    for path, seed in ((a, "7"), (b, "7"), (c, "8")):
+        assert main(["sample", "--prior", str(prior), "--class", "1", "--n", "4", "--seed", seed, "--out", str(path)]) == 0
+    pixels = [np.asarray(Image.open(p)) for p in (a, b, c)]
+    assert np.array_equal(pixels[0], pixels[1])
+    assert not np.array_equal(pixels[0], pixels[2])
+
+
+def test_prior_resume_is_exact(tokenizer_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--steps", "6", *TINY_PRIOR]
+    assert main([*common, "--out", str(straight)]) == 0
+    assert main([*common, "--out", str(resumed), "--stop-at", "3"]) == 0
+    assert not (resumed / "model.safetensors").exists()
+    assert main(["train", "prior", "--out", str(resumed), "--resume"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prior_records_its_tokenizer_relative(tokenizer_dir, tmp_path):
+    prior = tmp_path / "prior"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(prior),
+                 "--steps", "2", *TINY_PRIOR]) == 0
+    recorded = json.loads((prior / "config.json").read_text())["tokenizer"]
+    assert resolve_tokenizer_path(prior, recorded).resolve() == tokenizer_dir.resolve()
+    prior_model, tokenizer, sampling = load_generator(prior)
+    assert tokenizer.config.codebook_size == prior_model.config.codebook_size
+    with pytest.raises(VQKitFileError, match="not found"):
+        resolve_tokenizer_path(prior, "no/such/tokenizer")
+
+
+def test_text_conditional_prior_on_shapes(tmp_path):
+    tok, prior = tmp_path / "tok", tmp_path / "prior"
+    assert main(["train", "tokenizer", "--data", "shapes", "--out", str(tok), *TINY_TOKENIZER]) == 0
+    assert main(["train", "prior", "--tokenizer", str(tok), "--data", "shapes", "--out", str(prior), "--steps", "2",
+                 *TINY_PRIOR, "prior.max_text_len=72"]) == 0
+    config = json.loads((prior / "config.json").read_text())
+    assert config["text_vocab"] == "bytes" and config["num_classes"] is None
+    assert main(["sample", "--prior", str(prior), "--text", "a red circle at the top left", "--n", "2",
+                 "--out", str(tmp_path / "red.png")]) == 0
+    # class labels on a text-conditional prior: a clear error, exit code 2
+    assert main(["sample", "--prior", str(prior), "--class", "1", "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_train_prior_errors(tokenizer_dir, tmp_path, capsys):
+    assert main(["train", "prior", "--data", "mnist5k", "--out", str(tmp_path / "p")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["train", "prior", "--tokenizer", str(tmp_path / "missing"), "--data", "mnist5k",
+                 "--out", str(tmp_path / "p2")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "photos",
+                 "--out", str(tmp_path / "p3")]) == 2  # RGB data, 1-channel tokenizer
+    assert "channel" in capsys.readouterr().err
+    assert main(["train", "prior", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
