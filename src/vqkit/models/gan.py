@@ -21,7 +21,6 @@ Saved as config.json + model.safetensors (both networks), like VQModel and Token
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -211,15 +210,6 @@ class DCGAN(PretrainedMixin, nn.Module):
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.to(self.device)
 
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        """Evaluation mode (BatchNorm running statistics) for the duration, then the previous mode back."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def sample(self, n: int, labels=None, *, seed: int | None = None, batch_size: int = 64) -> torch.Tensor:

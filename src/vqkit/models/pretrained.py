@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from pathlib import Path
@@ -70,6 +71,17 @@ class PretrainedMixin:
             raise VQKitFileError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME} "
                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model.to(device).eval()
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Evaluation mode (no dropout, frozen BatchNorm statistics, no codebook updates) for the duration, then the
+        previous mode back: inference methods must not change what training does next."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

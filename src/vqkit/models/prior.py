@@ -19,7 +19,6 @@ Token grids come in as int64 [B, h, w] (what ``VQModel.tokenize`` returns) or fl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -621,15 +620,6 @@ class TokenPrior(PretrainedMixin, nn.Module):
             used[decoded_now] = logits[decoded_now]
         return tokens, used
 
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        """Evaluation mode (no dropout, no condition dropout) for the duration, then the previous mode back."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
 
 
 TokenPrior.MODEL_TYPE = "vqkit.TokenPrior"

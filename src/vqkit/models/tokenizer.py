@@ -158,15 +158,11 @@ class VQModel(PretrainedMixin, nn.Module):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Images float [B,C,H,W] in [0,1] -> token grid int64 [B,h,w]. Never updates the codebook."""
         self._check_images(x)
-        was_training = self.training
-        self.eval()
-        try:
+        with self._eval_mode():
             x = x.to(self.quant_conv.weight.device, torch.float32)
             indices = self.encode(x.clamp(0, 1) * 2 - 1).indices
-            self._tokenized_sizes[tuple(indices.shape[-2:])] = tuple(x.shape[-2:])
-            return indices
-        finally:
-            self.train(was_training)
+        self._tokenized_sizes[tuple(indices.shape[-2:])] = tuple(x.shape[-2:])
+        return indices
 
     @torch.no_grad()
     def detokenize(self, indices: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -179,12 +175,8 @@ class VQModel(PretrainedMixin, nn.Module):
         if not torch.is_tensor(indices) or indices.dim() != 3:
             raise ValueError(f"expected a token grid [B, h, w], got "
                              f"{tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__}")
-        was_training = self.training
-        self.eval()
-        try:
+        with self._eval_mode():
             y = self.decode_indices(indices.to(self.quant_conv.weight.device))
-        finally:
-            self.train(was_training)
         grid = tuple(indices.shape[-2:])
         if size is None:
             size = self._tokenized_sizes.get(grid)
