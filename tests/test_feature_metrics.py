@@ -62,12 +62,19 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     assert frechet_distance(samples_a, samples_b) == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy warns before the eps offset takes over
 def test_frechet_distance_with_singular_covariances_is_finite():
     rng = np.random.default_rng(0)
     few_a, few_b = rng.normal(size=(5, 12)), rng.normal(size=(5, 12)) + 1  # rank 4 covariances in 12 dimensions
     distance = frechet_distance(few_a, few_b)
     assert np.isfinite(distance) and distance > 0
+
+
+def test_a_dead_feature_does_not_change_frechet_distance():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 3)), rng.normal(size=(400, 3)) * 1.5 + 0.5
+    dead = np.zeros((400, 1))  # a ReLU unit that never fires: zero variance in both sets, singular covariances
+    with_dead = frechet_distance(np.hstack([a, dead]), np.hstack([b, dead]))
+    assert with_dead == pytest.approx(frechet_distance(a, b), abs=1e-4)
 
 
 def test_feature_sizes_must_match():

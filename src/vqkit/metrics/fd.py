@@ -6,6 +6,7 @@ Inception-v3 pool features is "FID"; over anything else it must be named after t
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -34,6 +35,17 @@ def gaussian_fit(feats) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
+def _sqrtm_unless_singular(matrix: np.ndarray) -> np.ndarray | None:
+    """scipy's sqrtm; None if the root is not finite or scipy warns that the matrix is singular (inaccurate root)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        try:
+            root = linalg.sqrtm(matrix)
+        except linalg.LinAlgWarning:
+            return None
+    return root if np.isfinite(root).all() else None
+
+
 def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray,
                                 eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + tr(sigma_a + sigma_b - 2 (sigma_a sigma_b)^(1/2)) between two Gaussians."""
@@ -41,11 +53,13 @@ def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.
     sigma_a, sigma_b = np.atleast_2d(sigma_a).astype(np.float64), np.atleast_2d(sigma_b).astype(np.float64)
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
         raise ValueError(f"feature sizes differ: {mu_a.shape} vs {mu_b.shape}")
-    covmean = linalg.sqrtm(sigma_a @ sigma_b)
-    if not np.isfinite(covmean).all():
-        # Singular covariances (fewer samples than dimensions, dead features): nudge both off the singularity.
-        offset = np.eye(len(sigma_a)) * eps
-        covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    covmean = _sqrtm_unless_singular(sigma_a @ sigma_b)
+    if covmean is None:
+        # Singular covariances (fewer samples than dimensions, dead ReLU features): widen both Gaussians by eps in
+        # every direction. The traces below use the widened covariances too, so that the result stays the distance
+        # between two actual Gaussians (>= 0) even when the features' own variances are as small as eps.
+        sigma_a, sigma_b = sigma_a + np.eye(len(sigma_a)) * eps, sigma_b + np.eye(len(sigma_b)) * eps
+        covmean = linalg.sqrtm(sigma_a @ sigma_b)
     if np.iscomplexobj(covmean):
         # sqrtm of a product of PSD matrices is real in exact arithmetic; round-off leaves tiny imaginary parts.
         largest = np.abs(covmean.imag).max()
