@@ -24,12 +24,6 @@ TINY = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.z_channels=8
         "image_every=0", "log_every=2", "eval_batch_size=500"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -444,3 +444,20 @@ def test_photos_deterministic(photos):
 def test_photos_named_source():
     source = load_source("photos", "test", image_size=48)
     assert source.image_size == (48, 48) and source[0][0].shape == (3, 48, 48)
+
+
+def test_folder_captions_from_jsonl(tmp_path):
+    import json
+
+    for i in range(12):
+        Image.fromarray(np.full((16, 16, 3), i * 20, dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        for i in range(11):
+            f.write(json.dumps({"file": f"im{i}.png", "caption": f"picture {i}"}) + "\n")
+    with pytest.warns(UserWarning, match="no caption"):
+        train = load_source(str(tmp_path), "train")
+    test = load_source(str(tmp_path), "test")
+    captions = train.captions + test.captions
+    assert len(captions) == 12 and captions.count("") == 1  # im11 has none
+    for path, caption in zip(train.files, train.captions):
+        assert caption in ("", f"picture {path.stem[2:]}")  # each caption belongs to its own file

@@ -20,13 +20,6 @@ TINY = ClassifierRecipe(stage_widths=((4,), (8,)), grid=2, hidden=16, epochs=1, 
                         max_steps=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: on 2 shared cores, OpenMP thread hand-offs cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

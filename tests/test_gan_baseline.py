@@ -16,13 +16,6 @@ from vqkit.training.config import ConfigError
 from vqkit.training.gan import GANTrainConfig, add_train_gan_parser, resolve_gan_config, train_gan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one intra-op thread is as fast and does not fight other processes for the cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny(**kwargs) -> DCGAN:

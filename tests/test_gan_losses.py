@@ -20,13 +20,6 @@ from vqkit.losses import (
 from vqkit.models.discriminator import PatchDiscriminator
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: on a shared 2-core machine intra-op threads cost more in contention than they gain
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ discriminator

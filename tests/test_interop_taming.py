@@ -84,13 +84,6 @@ def assert_parity(taming: TamingVQGAN, model: VQModel, size: int) -> None:
     assert (detok - ((taming_rec + 1) / 2).clamp(0, 1)).abs().max().item() <= 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these models are tiny: on a shared 2-core machine, intra-op threads cost far more in contention than they gain
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,6 @@ from vqkit.io import VQKitFileError
 from vqkit.models.tokenizer import CONFIG_NAME, CONFIG_VERSION, WEIGHTS_NAME
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one intra-op thread is as fast and does not fight other processes for the cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_config(levels: int = 2, **kw) -> VQModelConfig:

@@ -34,13 +34,6 @@ def random_lpips_v01(generator: torch.Generator) -> dict[str, torch.Tensor]:
             for k, c in enumerate(LPIPS_V01_CHANNELS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: on 2 shared cores, OpenMP thread hand-offs cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,6 @@ CONDITIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared: one thread avoids oversubscription, which is many times slower here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(mode="ar", seed=0, **kwargs) -> TokenPrior:

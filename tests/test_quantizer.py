@@ -9,13 +9,6 @@ import torch.nn.functional as F
 from vqkit.quantizers import VectorQuantizer, brute_force_nearest, kmeans, nearest_code
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one intra-op thread is as fast and does not fight other processes for the cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def features(b=2, d=4, h=3, w=5, seed=0, scale=1.0):

@@ -22,13 +22,6 @@ from vqkit.training.run import RUN_CONFIG
 from vqkit.training.trainer import batch_indices, iterate_batches, lr_at
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one intra-op thread is as fast and does not fight other processes for the cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 TINY = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.z_channels=8", "model.embed_dim=8",

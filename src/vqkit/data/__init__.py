@@ -9,4 +9,4 @@ from .shapes import ShapesSource, caption_match, measure_shapes, read_captions  
 
 __all__ = ["load_source", "ImageSource", "ArraySource", "SourceError", "NAMED_SOURCES", "index_split",
            "load_array_source", "FolderSource", "PhotoSource", "read_image", "resize_image", "save_image",
-           "to_channels", "make_grid"]
+           "to_channels", "make_grid", "ShapesSource", "caption_match", "measure_shapes", "read_captions"]

@@ -77,6 +77,7 @@ class FolderSource(ImageSource):
         self._bad: set[int] = set()
         if len(self.files) <= LAZY_VERIFY_ABOVE:
             self._load_all_dropping_bad()
+        self.captions = self._read_captions()
 
     def _choose_size_and_channels(self, files: list[tuple[Path, str]], image_size, channels
                                   ) -> tuple[tuple[int, int], int]:
@@ -103,6 +104,21 @@ class FolderSource(ImageSource):
                     f"{path.name} is {size[0]}x{size[1]}); pass image_size=N to bring them all to NxN "
                     f"(resize policy {self.policy!r})")
         return first_size
+
+    def _read_captions(self) -> list[str] | None:
+        """Captions of this split's images from a captions.jsonl / captions.csv in the folder (paths relative to
+        it), or None when there is no such file. Images without a caption get "" (unconditional), with a warning."""
+        from .shapes import read_captions
+
+        if not any((self.root / name).is_file() for name in ("captions.jsonl", "captions.csv")):
+            return None
+        table = read_captions(self.root)
+        relative = [path.relative_to(self.root).as_posix() for path in self.files]
+        missing = [r for r in relative if r not in table]
+        if missing:
+            warnings.warn(f"{self.root}: {len(missing)} of {len(relative)} {self.split} images have no caption "
+                          f"(e.g. {missing[0]}); they train as unconditional")
+        return [table.get(r, "") for r in relative]
 
     def _load_all_dropping_bad(self) -> None:
         """Decode every file once: drops (or with strict, reports) unreadable ones, and fills the cache."""

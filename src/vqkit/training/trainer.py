@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..data.sources import ImageSource
-from ..io import atomic_write_json
+
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
