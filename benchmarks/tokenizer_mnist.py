@@ -75,7 +75,7 @@ def run_preset(preset: str, out: Path, reuse: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["mnist-vqvae"])
+    ap.add_argument("--presets", nargs="*", default=["mnist-vqvae"], help="presets to train (none: baseline only)")
     ap.add_argument("--runs", default="runs/bench-tokenizer", help="where the training runs go")
     ap.add_argument("--reuse", action="store_true", help="read finished runs instead of training again")
     args = ap.parse_args()
