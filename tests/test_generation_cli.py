@@ -107,3 +107,30 @@ def test_train_prior_errors(tokenizer_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "p3")]) == 2  # RGB data, 1-channel tokenizer
     assert "channel" in capsys.readouterr().err
     assert main(["train", "prior", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+
+
+def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
+    """The demo's plumbing (tokenizer -> prior -> samples -> evaluation -> report) with tiny models and a tiny
+    feature classifier in a private cache; its quality is judged by benchmarks/generation_mnist.py, not here."""
+    import vqkit.metrics.classifier as classifier_module
+    from vqkit.apps.demo import run_demo
+    from vqkit.metrics.classifier import ClassifierRecipe
+
+    tiny = ClassifierRecipe(stage_widths=((4,), (8,)), grid=2, hidden=16, epochs=1, batch_size=32,
+                            max_train_images=256, max_steps=6)
+    real_get = classifier_module.get_classifier
+    monkeypatch.setenv("VQKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(classifier_module, "get_classifier", lambda dataset, **kw: real_get(dataset, recipe=tiny, **kw))
+    out = tmp_path / "demo"
+    summary = run_demo(out, progress=False, tokenizer_overrides=TINY_TOKENIZER,
+                       prior_overrides=[*TINY_PRIOR, "steps=3"], per_class=2)
+    for name in ("tokenizer/model.safetensors", "prior/model.safetensors", "samples.png", "report.html",
+                 "eval_samples.json", "demo.json"):
+        assert (out / name).is_file(), name
+    samples = summary["samples"]
+    assert samples["num_samples"] == 20 and 0.0 <= samples["class_accuracy"] <= 1.0 and samples["fd"] >= 0
+    assert "classifier" in samples["feature_network"]
+    assert json.loads((out / "demo.json").read_text())["prior"]["steps"] == 3
+    # a second call reuses the finished stages instead of training again
+    again = run_demo(out, progress=False, per_class=2)
+    assert again["prior"] == summary["prior"] and again["tokenizer"] == summary["tokenizer"]

@@ -15,7 +15,10 @@ import torch
 from ..io import atomic_write_json
 
 
-def run_demo(out: str | Path, data: str = "mnist5k", progress: bool = True) -> dict:
+def run_demo(out: str | Path, data: str = "mnist5k", progress: bool = True, tokenizer_overrides: list[str] | None = None,
+             prior_overrides: list[str] | None = None, per_class: int = 100) -> dict:
+    """The demo into ``out``; finished stages (a run folder with eval.json) are reused. The overrides (key=value, as
+    on the command line) and ``per_class`` (samples per class in the evaluation) exist for quick checks."""
     from ..data.images import make_grid, save_image
     from ..training.config import resolve_config
     from ..training.run import train_prior, train_tokenizer
@@ -32,22 +35,23 @@ def run_demo(out: str | Path, data: str = "mnist5k", progress: bool = True) -> d
 
     stage(1, f"training the tokenizer on {data} -> {tok_dir}")
     tok_eval = (_read_eval(tok_dir) if (tok_dir / "eval.json").is_file() else
-                train_tokenizer(resolve_config(data, preset="mnist-demo-tokenizer"), tok_dir, progress=progress))
+                train_tokenizer(resolve_config(data, preset="mnist-demo-tokenizer", overrides=tokenizer_overrides),
+                                tok_dir, progress=progress))
     stage(2, f"training a class-conditional prior over its tokens -> {prior_dir}")
     prior_eval = (_read_eval(prior_dir) if (prior_dir / "eval.json").is_file() else
-                  train_prior(resolve_config(data, preset="mnist-demo-prior", kind="prior"), tok_dir, prior_dir,
-                              progress=progress))
+                  train_prior(resolve_config(data, preset="mnist-demo-prior", kind="prior", overrides=prior_overrides),
+                              tok_dir, prior_dir, progress=progress))
     stage(3, "sampling every class and evaluating the samples")
     prior, tokenizer, sampling = load_generator(prior_dir)
     generate = prior_generator(prior, tokenizer, sampling)
     labels = torch.arange(prior.config.num_classes).repeat_interleave(10)
     save_image(out / "samples.png", make_grid(generate(len(labels), {"labels": labels}, seed=0), nrow=10))
-    sample_eval = evaluate_class_samples(generate, data, per_class=100, progress=progress)
+    sample_eval = evaluate_class_samples(generate, data, per_class=per_class, progress=progress)
     atomic_write_json(out / "eval_samples.json", sample_eval)
     stage(4, "writing the report")
     from ..report import write_report
 
-    extra = {"Samples (1000, 100 per class; classifier trained on TRAIN only)": [
+    extra = {f"Samples ({sample_eval['num_samples']}, {per_class} per class; classifier trained on TRAIN only)": [
         {"method": f"VQ-VAE + {prior.config.mode.upper()} prior", **{k: v for k, v in sample_eval.items()
                                                                       if isinstance(v, (int, float))}}]}
     write_report([tok_dir, prior_dir], out / "report.html", title="vqkit demo: MNIST-5k", extra_tables=extra)
