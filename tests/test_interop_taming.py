@@ -192,6 +192,22 @@ def test_checkpoint_that_needs_unpickling_is_refused_without_running_anything(f1
     assert marker.exists()
 
 
+def test_allowed_globals_are_read_as_inert_placeholders(f16, tmp_path, capsys):
+    taming, _ = f16
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": taming.state_dict(), "hyper_parameters": PicklesACall(str(marker))}, ckpt)
+    with pytest.raises(VQKitFileError, match="--allow-global"):
+        convert_taming_checkpoint(ckpt, tmp_path / "refused")
+    name = f"{leave_marker.__module__}.{leave_marker.__qualname__}"
+    parser = argparse.ArgumentParser(prog="vqkit")
+    add_convert_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert", "taming", str(ckpt), str(tmp_path / "out"), "--allow-global", name])
+    assert args.func(args) == 0
+    assert not marker.exists()  # the named function was never called
+    assert VQModel.from_pretrained(tmp_path / "out").config.codebook_size == N_EMBED
+
+
 def test_lightning_modelcheckpoint_reference_loads_without_lightning(f16, tmp_path, monkeypatch):
     # Lightning 1.x checkpoints key their callback state by the callback class itself.
     taming, _ = f16

@@ -28,10 +28,10 @@ it (``loss.*``) are left behind.
 Safety: checkpoints are read with ``torch.load(weights_only=True)``, so no object in the file is ever unpickled into
 running code. Lightning checkpoints name Lightning's ``ModelCheckpoint`` class in their training metadata; vqkit reads
 that one name as an inert placeholder and does not import Lightning. Any other pickled object makes vqkit refuse the
-file; re-save the weights alone in an environment you trust, then convert that file::
+file and name the objects. If they are metadata you do not need (only the tensors are kept), name them and they are
+read as inert placeholders too: nothing is imported and nothing is called::
 
-    sd = torch.load("last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    torch.save(sd, "weights.ckpt")
+    vqkit convert taming last.ckpt out/ --allow-global some.module.SomeClass
 
 Worth knowing:
 
@@ -77,22 +77,30 @@ LIGHTNING_CALLBACK_NAMES = (
 )
 
 
-class _LightningCallbackPlaceholder:
-    """Stands in for a Lightning callback class that checkpoint metadata names (only as a dict key)."""
+class _InertPlaceholder:
+    """Stands in for a class or function a checkpoint names in metadata (a Lightning callback class used as a dict
+    key, or a name the user allowed): "calling" it only stores the arguments, so loading runs no code of the file."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-def load_taming_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a Lightning checkpoint's ``state_dict`` (or of a bare state dict), loaded without unpickling."""
+def load_taming_state_dict(ckpt_path: str | Path, allow_globals: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a Lightning checkpoint's ``state_dict`` (or of a bare state dict), loaded without unpickling.
+    ``allow_globals``: further pickled names (module.qualname) to read as inert placeholders."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise VQKitFileError(f"{path}: checkpoint not found")
-    placeholders = [(_LightningCallbackPlaceholder, name) for name in LIGHTNING_CALLBACK_NAMES]
+    placeholders = [(_InertPlaceholder, name) for name in (*LIGHTNING_CALLBACK_NAMES, *allow_globals)]
     try:
         with torch.serialization.safe_globals(placeholders):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _refusal(path, e) from None
+        raise _refusal(path, e, allow_globals) from None
     except Exception as e:  # the unpickler meets junk with whatever error the bytes provoke (KeyError, EOFError, ...)
         raise VQKitFileError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -101,17 +109,17 @@ def load_taming_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def _refusal(path: Path, error: Exception) -> VQKitFileError:
+def _refusal(path: Path, error: Exception, allowed: tuple[str, ...] = ()) -> VQKitFileError:
     try:  # scans the pickle's opcodes only; nothing is loaded
         needed = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                  if g not in LIGHTNING_CALLBACK_NAMES]
+                  if g not in LIGHTNING_CALLBACK_NAMES and g not in allowed]
     except Exception:  # a legacy-format file (no zip archive to scan): take the names from the unpickler's message
         needed = re.findall(r"GLOBAL ([\w.]+)", str(error))
     what = ", ".join(needed) if needed else str(error).strip().splitlines()[0]
     return VQKitFileError(
         f"{path}: loading this file needs pickled objects ({what}); vqkit will not unpickle objects from a file, as "
-        f"that can run arbitrary code. If you trust the file, re-save its weights alone and convert that file: "
-        f"torch.save(torch.load('{path}', weights_only=False)['state_dict'], 'weights.ckpt')")
+        f"that can run arbitrary code. If these are metadata you do not need, pass each as --allow-global NAME "
+        f"(allow_globals=... in Python): vqkit then reads them as inert placeholders and keeps only the tensors")
 
 
 def generator_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -266,10 +274,10 @@ def _load_into(model: VQModel, state: dict[str, torch.Tensor], source: str) -> N
 
 
 def convert_taming_checkpoint(ckpt_path: str | Path, out_dir: str | Path,
-                              config_yaml: str | Path | None = None) -> VQModel:
+                              config_yaml: str | Path | None = None, allow_globals: tuple[str, ...] = ()) -> VQModel:
     """Convert a taming-transformers / latent-diffusion VQModel checkpoint into a vqkit model saved in ``out_dir``."""
     source = str(ckpt_path)
-    weights = generator_weights(load_taming_state_dict(ckpt_path))
+    weights = generator_weights(load_taming_state_dict(ckpt_path, tuple(allow_globals)))
     arch = infer_architecture(weights, source)
     image_size, dropout = DEFAULT_IMAGE_SIZE, 0.0
     if config_yaml is not None:
@@ -288,7 +296,7 @@ def convert_taming_checkpoint(ckpt_path: str | Path, out_dir: str | Path,
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def cmd_convert_taming(args) -> int:
-    model = convert_taming_checkpoint(args.ckpt, args.out, args.config)
+    model = convert_taming_checkpoint(args.ckpt, args.out, args.config, tuple(args.allow_global))
     c = model.config
     h, w = c.token_grid()
     print(f"converted {args.ckpt} -> {args.out}")
@@ -313,5 +321,8 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     taming.add_argument("out", metavar="OUT", help="output model directory")
     taming.add_argument("--config", metavar="YAML",
                         help="the model's config YAML: cross-checks the architecture and gives the image size")
+    taming.add_argument("--allow-global", metavar="NAME", action="append", default=[],
+                        help="a pickled name (module.qualname) the refusal message listed, to read as an inert "
+                             "placeholder (nothing is imported or called; only tensors are kept); repeatable")
     taming.set_defaults(func=cmd_convert_taming)
     return convert
