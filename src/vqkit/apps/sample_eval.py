@@ -61,9 +61,7 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     wall = time.perf_counter() - t0
     x = images * 2 - 1
     accuracy = float((classifier.predict(x) == labels).float().mean())
-    # subsets of half the smaller set, so that the spread over subsets means something (whole-set subsets would all
-    # be the same sample and give a std of 0)
-    kid = kid_between(classifier, x, test, subset_size=max(2, min(1000, len(labels), len(test)) // 2))
+    kid = kid_between(classifier, x, test)
     result = {
         "dataset": dataset, "num_samples": len(labels), "class_accuracy": accuracy,
         "fd": fd_between(classifier, x, test), "kid": kid.mean, "kid_std": kid.std,

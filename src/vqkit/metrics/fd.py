@@ -97,15 +97,19 @@ def _unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2.0 * k_xy.mean())
 
 
-def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> KernelDistance:
+def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int | None = None,
+                    seed: int = 0) -> KernelDistance:
     """KID: unbiased MMD^2 with the kernel (x.y / d + 1)^3 over ``subsets`` random subsets of each set.
 
     Each subset draws ``min(subset_size, N_a, N_b)`` vectors without replacement from each set; ``seed`` fixes the
-    draws, so the same features always give the same number.
+    draws, so the same features always give the same number. ``subset_size`` None: 1000 (the usual KID subset), but
+    at most half the smaller set, since subsets as large as a whole set would all be that set and their spread 0.
     """
     feats_a, feats_b = _as_matrix(feats_a), _as_matrix(feats_b)
     if feats_a.shape[1] != feats_b.shape[1]:
         raise ValueError(f"feature sizes differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
+    if subset_size is None:
+        subset_size = max(2, min(1000, len(feats_a) // 2, len(feats_b) // 2))
     size = min(subset_size, len(feats_a), len(feats_b))
     if size < 2 or subsets < 1:
         raise ValueError(f"need subsets >= 1 and at least 2 vectors per set, got {subsets} and {size}")

@@ -210,7 +210,6 @@ class DCGAN(PretrainedMixin, nn.Module):
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.to(self.device)
 
-
     @torch.no_grad()
     def sample(self, n: int, labels=None, *, seed: int | None = None, batch_size: int = 64) -> torch.Tensor:
         """``n`` images [n, C, H, W] in [0, 1], on the CPU (as ``apps.generate.decode_samples`` gives a prior's).

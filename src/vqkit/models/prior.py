@@ -620,6 +620,5 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return tokens, used
 
 
-
 TokenPrior.MODEL_TYPE = "vqkit.TokenPrior"
 TokenPrior.CONFIG_CLASS = TokenPriorConfig

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..data.sources import ImageSource
-
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
