@@ -1,6 +1,8 @@
 """Class-conditional generation on MNIST-5k: AR prior, masked prior (8 steps) and a plain GAN, trained on TRAIN,
 judged by vqkit's classifier (trained on TRAIN only): class accuracy, FD and KID against TEST beside the
-FD(TRAIN, TEST) floor, latency at batch 1 and throughput at batch 64.
+FD(TRAIN, TEST) floor, latency at batch 1 and throughput at batch 64. Each generator makes as many samples as TRAIN
+has, with TRAIN's labels (4000), so its FD and the floor are taken at the same number of images (FD's bias depends
+on it: 1000 real TRAIN images score ~1.0 against TEST, all 4000 score ~0.36).
 
     python benchmarks/generation_mnist.py            # trains the tokenizer, both priors and the GAN
     python benchmarks/generation_mnist.py --reuse    # re-evaluate finished runs
@@ -25,7 +27,8 @@ def evaluate(kind: str, path: Path) -> dict:
         from vqkit.apps.generate import load_generator
 
         generate = prior_generator(*load_generator(path))
-    return evaluate_class_samples(generate, "mnist5k", per_class=100)
+    # as many samples as TRAIN has, with its labels: FD(samples, TEST) then reads directly against FD(TRAIN, TEST)
+    return evaluate_class_samples(generate, "mnist5k")
 
 
 def main() -> None:
@@ -54,11 +57,13 @@ def main() -> None:
         r = evaluate(kind, path)
         r["name"] = name
         rows.append(r)
-    header = (f"{'method':<32} {'acc':>6} {'FD':>8} {'KID':>8} {'floor':>7} {'lat b1 ms':>10} {'img/s b64':>10}")
-    print("\nMNIST-5k, 1000 samples (100 per class)\n" + header + "\n" + "-" * len(header))
+    header = (f"{'method':<32} {'acc':>6} {'FD':>8} {'floor':>7} {'FD/floor':>8} {'KID':>8} {'lat b1 ms':>10} "
+              f"{'img/s b64':>10}")
+    print(f"\nMNIST-5k, {rows[0]['num_samples']} samples (TRAIN's labels) against TEST; floor = FD(TRAIN, TEST) "
+          f"at the same number of images\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['name']:<32} {100 * r['class_accuracy']:5.1f}% {r['fd']:8.3f} {r['kid']:8.4f} "
-              f"{r['fd_floor_train_test']:7.3f} {1000 * r['latency_batch1_seconds']:10.1f} "
+        print(f"{r['name']:<32} {100 * r['class_accuracy']:5.1f}% {r['fd']:8.3f} {r['fd_floor_same_n']:7.3f} "
+              f"{r['fd_over_floor']:8.2f} {r['kid']:8.4f} {1000 * r['latency_batch1_seconds']:10.1f} "
               f"{r['throughput_batch64_images_per_second']:10.1f}")
     ar, mask = rows[0], rows[1]
     speedup = ar["latency_batch1_seconds"] / mask["latency_batch1_seconds"]

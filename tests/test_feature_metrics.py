@@ -160,6 +160,12 @@ def test_fd_and_kid_helpers(tiny_classifier, mnist_train, mnist_test):
                                                                                                                    1)
     floor = fd_floor("mnist5k", extractor=tiny_classifier)
     assert 0 < floor < fd_between(tiny_classifier, test_images, noisy)
+    # FD's bias grows as the sets shrink: a floor for 200 images sits above the all-of-TRAIN floor, and asking for as
+    # many images as TRAIN has gives the full floor itself
+    assert fd_floor("mnist5k", extractor=tiny_classifier, n=200, repeats=2) > floor
+    assert fd_floor("mnist5k", extractor=tiny_classifier, n=len(mnist_train)) == floor
+    with pytest.raises(ValueError, match="at least 2"):
+        fd_floor("mnist5k", extractor=tiny_classifier, n=1)
     kid = kid_between(tiny_classifier, mnist_train, noisy, subsets=5, subset_size=200)
     assert kid.mean > 0
     with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
@@ -187,3 +193,13 @@ def test_full_recipe_reaches_98_percent_on_mnist5k_test(tmp_path, monkeypatch, m
     accuracy = trained.accuracy(mnist_test)
     print(f"mnist5k TEST accuracy {accuracy:.4f}, trained in {trained.config['train_seconds']} s")
     assert accuracy >= 0.98
+
+
+def test_sample_labels_follow_train_by_default():
+    from vqkit.apps.sample_eval import sample_labels
+
+    labels = sample_labels("mnist5k")
+    assert len(labels) == 4000 and torch.equal(torch.bincount(labels), torch.full((10,), 400))
+    assert torch.equal(sample_labels("mnist5k", per_class=3), torch.arange(10).repeat_interleave(3))
+    with pytest.raises(ValueError, match="per_class"):
+        sample_labels("mnist5k", per_class=0)

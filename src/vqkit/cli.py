@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--prior", help="prior directory")
     es.add_argument("--gan", help="GAN directory (vqkit train gan)")
     es.add_argument("--data", help="data set the generator was trained on (default mnist5k; shapes for text)")
-    es.add_argument("--per-class", type=int, default=100, dest="per_class", help="samples per class")
+    es.add_argument("--per-class", type=int, dest="per_class",
+                    help="samples per class (default: TRAIN's labels, so the samples match TRAIN in number and class "
+                    "mix; FD's floor is always taken at the samples' size)")
     es.add_argument("--n", type=int, default=500, help="captions to sample (text-conditional)")
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--guidance", type=float, help="classifier-free guidance scale (prior)")

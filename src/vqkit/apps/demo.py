@@ -16,9 +16,10 @@ from ..io import atomic_write_json
 
 
 def run_demo(out: str | Path, data: str = "mnist5k", progress: bool = True, tokenizer_overrides: list[str] | None = None,
-             prior_overrides: list[str] | None = None, per_class: int = 100) -> dict:
+             prior_overrides: list[str] | None = None, per_class: int | None = None) -> dict:
     """The demo into ``out``; finished stages (a run folder with eval.json) are reused. The overrides (key=value, as
-    on the command line) and ``per_class`` (samples per class in the evaluation) exist for quick checks."""
+    on the command line) and ``per_class`` (samples per class in the evaluation; default: as many as TRAIN
+    has) exist for quick checks."""
     from ..data.images import make_grid, save_image
     from ..training.config import resolve_config
     from ..training.run import train_prior, train_tokenizer
@@ -51,7 +52,8 @@ def run_demo(out: str | Path, data: str = "mnist5k", progress: bool = True, toke
     stage(4, "writing the report")
     from ..report import write_report
 
-    extra = {f"Samples ({sample_eval['num_samples']}, {per_class} per class; classifier trained on TRAIN only)": [
+    extra = {f"Samples ({sample_eval['num_samples']}, as many as TRAIN per class unless set; classifier trained on "
+             f"TRAIN only; FD floor at the same number of images)": [
         {"method": f"VQ-VAE + {prior.config.mode.upper()} prior", **{k: v for k, v in sample_eval.items()
                                                                       if isinstance(v, (int, float))}}]}
     write_report([tok_dir, prior_dir], out / "report.html", title="vqkit demo: MNIST-5k", extra_tables=extra)

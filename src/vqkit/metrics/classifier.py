@@ -337,12 +337,22 @@ def kid_between(extractor, images_a, images_b, **kid_options) -> KernelDistance:
 
 
 def fd_floor(dataset: str = "mnist5k", extractor=None, device: str = "cpu", progress: bool = True,
-             **source_options) -> float:
+             n: int | None = None, repeats: int = 5, seed: int = 0, **source_options) -> float:
     """FD(TRAIN, TEST) of a dataset: what two real samples of it score, the floor to read other FDs against.
 
+    FD is biased upwards by an amount that shrinks with the number of images, so a set of ``n`` generated images
+    must be read against real sets of the same size: with ``n`` (fewer than TRAIN holds) the floor is the mean FD of
+    ``repeats`` random ``n``-image subsets of TRAIN (seeded) against TEST; without it, all of TRAIN against TEST.
     ``extractor`` defaults to the dataset's cached classifier (trained first if needed); ``source_options`` go to
     ``load_source`` (e.g. ``crop_size`` for photos).
     """
     extractor = extractor if extractor is not None else get_classifier(dataset, device, progress)
-    return fd_between(extractor, load_source(dataset, "train", **source_options),
-                      load_source(dataset, "test", **source_options))
+    train = extractor.features(_images(load_source(dataset, "train", **source_options)))
+    test = extractor.features(_images(load_source(dataset, "test", **source_options)))
+    if n is None or n >= len(train):
+        return frechet_distance(train, test)
+    if n < 2:
+        raise ValueError(f"fd_floor: n must be at least 2 images, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return sum(frechet_distance(train[torch.randperm(len(train), generator=g)[:n]], test)
+               for _ in range(repeats)) / repeats
