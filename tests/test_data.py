@@ -461,3 +461,24 @@ def test_folder_captions_from_jsonl(tmp_path):
     assert len(captions) == 12 and captions.count("") == 1  # im11 has none
     for path, caption in zip(train.files, train.captions):
         assert caption in ("", f"picture {path.stem[2:]}")  # each caption belongs to its own file
+
+
+def test_published_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); what they publish must be readable like any file the user
+    writes (0666 minus the umask), or a report's PNGs and a model's weights are unreadable to everyone else."""
+    import os
+    import stat
+
+    from vqkit.data.images import save_image
+    from vqkit.io import atomic_save_safetensors, atomic_write_json
+
+    umask = os.umask(0o022)
+    try:
+        save_image(tmp_path / "a.png", np.zeros((4, 4, 3)))
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        atomic_save_safetensors(tmp_path / "a.safetensors", {"w": torch.zeros(2)})
+    finally:
+        os.umask(umask)
+    for name in ("a.png", "a.json", "a.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.png", "a.safetensors"]  # no temp files left

@@ -17,16 +17,19 @@ class VQKitFileError(ValueError):
     """A file vqkit was asked to read is missing, corrupt or of the wrong kind."""
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Publish a file atomically: ``write(tmp)`` fills a temporary file beside ``path``, which is made durable and
+    then renamed over ``path``, so readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; published files get the usual permissions
     try:
         write(tmp)
+        # mkstemp makes 0600 files (and some writers recreate the file): published files get the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,7 +40,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -46,7 +49,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..io import atomic_write
 from .sources import SourceError
 
 RESIZE_POLICIES = ("resize", "crop", "stretch", "pad")
@@ -190,16 +190,7 @@ def save_image(path: str | os.PathLike, image: np.ndarray | torch.Tensor) -> Non
     if channels not in (1, 3, 4):
         raise ValueError(f"cannot save an image with {channels} channels; use 1, 3 or 4")
     picture = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def make_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, padding: int = 2,
