@@ -45,6 +45,7 @@ def main() -> None:
     task = TokenizerTask(cfg, VQModel.from_pretrained(args.init), torch.device("cpu"), test)
     started, window = time.time(), []
     for step in range(cfg.steps):
+        # a batch order of its own (seed + 7), not a replay of the order the finished run was trained in
         images = torch.stack([train[int(i)][0] for i in batch_indices(len(train), cfg.batch_size, cfg.seed + 7, step)])
         window.append(task.train_step(images, None, step))
         if (step + 1) % 100 == 0:
