@@ -1,0 +1,79 @@
+"""Sampling settings of a class-conditional prior (temperature, top-k, guidance scale), chosen without TEST.
+
+Each setting generates TRAIN's labels (4000 samples on MNIST-5k). The setting is *chosen* by FD against TRAIN (the
+data the prior was fitted to; TEST is never looked at for the choice); FD against TEST is printed beside it only to be
+read after the choice, against the FD(TRAIN, TEST) floor.
+
+    python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar
+    python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.0 1.0:20:1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from _common import write_results
+
+DEFAULT_SETTINGS = ["1.0:20:1.5", "1.0:none:1.0", "1.0:none:1.5", "1.0:20:1.0", "1.0:none:1.25", "1.0:none:2.0",
+                    "0.9:none:1.0"]
+
+
+def parse_setting(text: str) -> dict:
+    temperature, top_k, scale = text.split(":")
+    return {"temperature": float(temperature), "top_k": None if top_k == "none" else int(top_k),
+            "guidance_scale": float(scale)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prior", required=True)
+    ap.add_argument("--data", default="mnist5k")
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="temperature:top_k|none:guidance_scale")
+    ap.add_argument("--steps", type=int, default=None, help="mask mode: parallel decoding steps (default: the prior's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="results file name (default: sampling_sweep_<prior folder>)")
+    args = ap.parse_args()
+
+    from vqkit.apps.generate import decode_samples, load_generator
+    from vqkit.apps.sample_eval import sample_labels
+    from vqkit.data.sources import load_source
+    from vqkit.metrics.classifier import fd_floor, get_classifier, source_tensors
+    from vqkit.metrics.fd import frechet_distance
+
+    prior, tokenizer, sampling = load_generator(args.prior)
+    classifier = get_classifier(args.data)
+    train_feats = classifier.features(source_tensors(load_source(args.data, "train"))[0])
+    test_feats = classifier.features(source_tensors(load_source(args.data, "test"))[0])
+    floor = fd_floor(args.data, classifier)
+    labels = sample_labels(args.data)
+    rows = []
+    for text in args.settings:
+        setting = parse_setting(text)
+        if args.steps is not None or "steps" in sampling:
+            setting["steps"] = args.steps or sampling["steps"]
+        t0 = time.perf_counter()
+        grids = prior.sample(len(labels), {"labels": labels}, seed=args.seed, batch_size=64, **setting)
+        x = decode_samples(tokenizer, grids) * 2 - 1
+        feats = classifier.features(x)
+        row = {"setting": text, **setting, "num_samples": len(labels),
+               "class_accuracy": float((classifier.predict(x) == labels).float().mean()),
+               "fd_train": frechet_distance(feats, train_feats), "fd_test": frechet_distance(feats, test_feats),
+               "fd_floor": floor, "seconds": time.perf_counter() - t0}
+        row["fd_test_over_floor"] = row["fd_test"] / floor
+        rows.append(row)
+        print(f"{text:<16} acc {100 * row['class_accuracy']:5.1f}%  FD vs TRAIN {row['fd_train']:.3f}  "
+              f"FD vs TEST {row['fd_test']:.3f} ({row['fd_test_over_floor']:.2f}x floor {floor:.3f})  "
+              f"{row['seconds']:.0f} s", flush=True)
+    chosen = min(rows, key=lambda r: r["fd_train"])
+    print(f"\nchosen by FD against TRAIN: {chosen['setting']} -> FD vs TEST {chosen['fd_test']:.3f} "
+          f"= {chosen['fd_test_over_floor']:.2f}x the floor, accuracy {100 * chosen['class_accuracy']:.1f}%")
+    write_results(args.name or f"sampling_sweep_{Path(args.prior).name}", rows, prior=str(args.prior),
+                  chosen=chosen["setting"])
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
