@@ -84,7 +84,7 @@ def test_prior_records_its_tokenizer_relative(tokenizer_dir, tmp_path):
         resolve_tokenizer_path(prior, "no/such/tokenizer")
 
 
-def test_text_conditional_prior_on_shapes(tmp_path):
+def test_text_conditional_prior_on_shapes(tmp_path, capsys):
     tok, prior = tmp_path / "tok", tmp_path / "prior"
     assert main(["train", "tokenizer", "--data", "shapes", "--out", str(tok), *TINY_TOKENIZER]) == 0
     assert main(["train", "prior", "--tokenizer", str(tok), "--data", "shapes", "--out", str(prior), "--steps", "2",
@@ -95,6 +95,20 @@ def test_text_conditional_prior_on_shapes(tmp_path):
                  "--out", str(tmp_path / "red.png")]) == 0
     # class labels on a text-conditional prior: a clear error, exit code 2
     assert main(["sample", "--prior", str(prior), "--class", "1", "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    # a word vocabulary read from TRAIN's captions: saved in the config, unknown words refused with their names
+    words = tmp_path / "words"
+    assert main(["train", "prior", "--tokenizer", str(tok), "--data", "shapes", "--out", str(words), "--steps", "2",
+                 *TINY_PRIOR, "prior.text_vocab=words", "prior.max_text_len=17"]) == 0
+    config = json.loads((words / "config.json").read_text())
+    assert config["text_vocab"] == "words" and {"red", "circle", "top", "and"} <= set(config["text_words"])
+    assert main(["sample", "--prior", str(words), "--text", "a red circle at the top left", "--n", "2",
+                 "--out", str(tmp_path / "red-words.png")]) == 0
+    assert main(["sample", "--prior", str(words), "--text", "a purple star", "--n", "1",
+                 "--out", str(tmp_path / "star.png")]) == 2
+    assert "purple, star" in capsys.readouterr().err
+    assert main(["train", "prior", "--tokenizer", str(tok), "--data", "shapes", "--out", str(tmp_path / "short"),
+                 "--steps", "2", *TINY_PRIOR, "prior.text_vocab=words", "prior.max_text_len=8"]) == 2
+    assert "max_text_len" in capsys.readouterr().err
 
 
 def test_train_prior_errors(tokenizer_dir, tmp_path, capsys):
@@ -134,3 +148,36 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     # a second call reuses the finished stages instead of training again
     again = run_demo(out, progress=False, per_class=2)
     assert again["prior"] == summary["prior"] and again["tokenizer"] == summary["tokenizer"]
+
+
+def test_shift_images_moves_content_by_whole_pixels():
+    from vqkit.apps.generate import pixel_offsets, shift_images
+
+    x = torch.zeros(1, 1, 6, 6)
+    x[0, 0, 2, 3] = 1.0
+    moved = shift_images(x, 1, -2)
+    assert moved.shape == x.shape and moved[0, 0, 3, 1] == 1.0 and moved.sum() == 1.0
+    assert torch.equal(shift_images(x, 0, 0), x)
+    edge = torch.arange(4.0).reshape(1, 1, 1, 4).expand(1, 1, 4, 4)
+    assert torch.equal(shift_images(edge, 0, 1)[0, 0, :, 0], edge[0, 0, :, 0])  # uncovered column repeats the edge
+    offsets = pixel_offsets(1)
+    assert offsets[0] == (0, 0) and len(offsets) == len(set(offsets)) == 9
+    with pytest.raises(ValueError, match="radius"):
+        pixel_offsets(-1)
+
+
+def test_prior_trains_on_shifted_copies(tokenizer_dir, tmp_path):
+    """shift_radius=1 gives 9 token grids per TRAIN image, the first copy the plain tokens, every copy labelled."""
+    from safetensors.torch import load_file
+
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    for out, extra in ((plain, []), (shifted, ["shift_radius=1"])):
+        assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(out),
+                     "--steps", "2", *TINY_PRIOR, *extra]) == 0
+    a = load_file(str(plain / "tokens" / "train.safetensors"))["tokens"]
+    b = load_file(str(shifted / "tokens" / "train.safetensors"))["tokens"]
+    assert len(b) == 9 * len(a) and torch.equal(b[:len(a)], a)
+    assert not torch.equal(b[len(a):2 * len(a)], a)  # a shifted copy tokenizes differently
+    assert json.loads((shifted / "train_config.json").read_text())["shift_radius"] == 1
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "bad"), "--steps", "2", *TINY_PRIOR, "shift_radius=-1"]) == 2

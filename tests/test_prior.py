@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vqkit.io import VQKitFileError
 from vqkit.models.prior import TokenPrior, TokenPriorConfig
-from vqkit.models.text import ByteTokenizer, make_text_tokenizer
+from vqkit.models.text import ByteTokenizer, make_text_tokenizer, split_words, word_vocabulary
 
 K, GRID = 16, (3, 4)
 CONDITIONS = {
@@ -20,6 +20,8 @@ CONDITIONS = {
     "text": ({"text_vocab": "bytes", "max_text_len": 12}, ["a red circle", "", "é", "a blue square at the top"]),
     "both": ({"num_classes": 3, "text_vocab": "bytes", "max_text_len": 8},
              {"labels": [0, 1, 2, 0], "captions": ["x", "y", "z", "w"]}),
+    "words": ({"text_vocab": "words", "text_words": ["a", "blue", "circle", "red"], "max_text_len": 5},
+              ["a red circle", "", "Blue", "a blue circle"]),
 }
 
 
@@ -287,3 +289,22 @@ def test_byte_tokenizer():
     assert max(tok.encode("\xff" * 10, 12)) < tok.vocab_size
     with pytest.raises(ValueError, match="unknown text_vocab"):
         make_text_tokenizer("gpt2")
+
+
+def test_word_tokenizer():
+    captions = ["a red circle at the top left", "A blue square, at the bottom", "a red circle"]
+    words = word_vocabulary(captions)
+    assert words == sorted(set(words)) and {"red", "square", ",", "left"} <= set(words) and "A" not in words
+    tok = make_text_tokenizer("words", words)
+    ids = tok.encode("a RED circle", 6)
+    assert ids[0] == tok.BOS and ids[4] == tok.EOS and ids[5] == tok.PAD and len(ids) == 6
+    assert tok.decode(ids) == "a red circle"
+    assert tok.decode(tok.encode("a blue square, at the bottom", 5)) == "a blue square"  # cut to max_len - 2 words
+    assert tok.encode("", 3) == [tok.BOS, tok.EOS, tok.PAD]
+    assert split_words("top-left, it's") == ["top-left", ",", "it's"]
+    with pytest.raises(ValueError, match="never saw: green, triangle"):
+        tok.encode("a green triangle", 8)
+    with pytest.raises(ValueError, match="needs its vocabulary"):
+        make_text_tokenizer("words")
+    with pytest.raises(ValueError, match="needs its vocabulary"):
+        tiny("ar", text_vocab="words")

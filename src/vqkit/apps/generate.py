@@ -65,33 +65,69 @@ def choose_conditioning(requested: str, source: ImageSource) -> str:
     return requested
 
 
+def pixel_offsets(radius: int) -> list[tuple[int, int]]:
+    """Every whole-pixel (dy, dx) within ``radius`` (a square), (0, 0) first."""
+    if radius < 0:
+        raise ValueError(f"shift radius must be >= 0, got {radius}")
+    others = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if (dy, dx) != (0, 0)]
+    return [(0, 0), *others]
+
+
+def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images [N, C, H, W] moved by whole pixels (content moves down by dy, right by dx); the uncovered border
+    repeats the edge pixels. Whole pixels because resampling blurs, and a blur is far from the data: bilinear
+    rotations of 5 degrees put MNIST TRAIN at FD 2.5 from TEST where 1-pixel shifts give 0.43 (floor 0.36)."""
+    if dy == 0 and dx == 0:
+        return images
+    H, W = images.shape[-2:]
+    m = max(abs(dy), abs(dx))
+    padded = torch.nn.functional.pad(images, (m, m, m, m), mode="replicate")
+    return padded[..., m - dy:m - dy + H, m - dx:m - dx + W]
+
+
 @torch.no_grad()
-def tokenize_source(tokenizer: VQModel, source: ImageSource, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
-    """Token grids [N, h, w] of every image of ``source`` (its deterministic view)."""
+def tokenize_source(tokenizer: VQModel, source: ImageSource, batch_size: int = 250, progress: bool = True,
+                    shift_radius: int = 0) -> torch.Tensor:
+    """Token grids [N, h, w] of every image of ``source`` (its deterministic view). ``shift_radius`` r > 0 also
+    tokenizes every image moved by each whole-pixel offset within r: (2r+1)^2 copies, the unshifted one first,
+    so the result is [(2r+1)^2 * N, h, w], copy-major."""
     from ..evaluation import iterate_source
 
     device = next(tokenizer.parameters()).device
-    grids = []
+    offsets = pixel_offsets(shift_radius)
+    grids: list[list[torch.Tensor]] = [[] for _ in offsets]
     n_batches = (len(source) + batch_size - 1) // batch_size
     for images, _ in tqdm(iterate_source(source, batch_size), total=n_batches, desc=f"tokenize {source.split}",
                           disable=not progress, leave=False):
-        grids.append(tokenizer.tokenize(((images.float() + 1) / 2).to(device)).cpu())
-    return torch.cat(grids)
+        x = ((images.float() + 1) / 2).to(device)
+        for copy, (dy, dx) in enumerate(offsets):
+            grids[copy].append(tokenizer.tokenize(shift_images(x, dy, dx)).cpu())
+    return torch.cat([g for copy in grids for g in copy])
 
 
 def token_set(tokenizer: VQModel, source: ImageSource, conditioning: str, cache: Path | None = None,
-              progress: bool = True) -> TokenSet:
-    """Tokenize a source (or read the tokens cached at ``cache``) into a TokenSet."""
+              progress: bool = True, shift_radius: int = 0) -> TokenSet:
+    """Tokenize a source (or read the tokens cached at ``cache``) into a TokenSet. With ``shift_radius`` > 0 the
+    set also holds the tokens of every image shifted by whole pixels (see ``tokenize_source``), each copy keeping
+    the image's label or caption: more distinct token grids of the same data for a prior that would overfit."""
+    copies = len(pixel_offsets(shift_radius))
+    tokens = None
     if cache is not None and cache.is_file():
         tokens = read_safetensors(cache)["tokens"]
-    else:
-        tokens = tokenize_source(tokenizer, source, progress=progress)
+        if len(tokens) != copies * len(source):  # written for another shift radius or another source
+            tokens = None
+    if tokens is None:
+        tokens = tokenize_source(tokenizer, source, progress=progress, shift_radius=shift_radius)
         if cache is not None:
             atomic_save_safetensors(cache, {"tokens": tokens})
     labels = getattr(source, "labels", None)
     if labels is None and source.has_labels:
         labels = torch.tensor([source[i][1] for i in range(len(source))])
-    return TokenSet(tokens, labels, source_captions(source), source.name, source.split, conditioning)
+    captions = source_captions(source)
+    if copies > 1:
+        labels = None if labels is None else torch.as_tensor(labels).repeat(copies)
+        captions = None if captions is None else captions * copies
+    return TokenSet(tokens, labels, captions, source.name, source.split, conditioning)
 
 
 def sampling_kwargs(sampling, prior: TokenPrior, **overrides) -> dict:

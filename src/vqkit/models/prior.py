@@ -52,7 +52,8 @@ class TokenPriorConfig:
     dropout: float = 0.0
     tie_weights: bool = True  # the output head reuses the image-token embedding
     num_classes: int | None = None  # class-conditional when set
-    text_vocab: str | None = None  # caption-conditional when set ("bytes")
+    text_vocab: str | None = None  # caption-conditional when set ("bytes" or "words")
+    text_words: list[str] | None = None  # text_vocab "words": its vocabulary (training reads it from TRAIN's captions)
     max_text_len: int = 64  # caption tokens in the prefix, BOS and EOS included
     cond_dropout: float = 0.1  # training: probability of the null class / empty caption (for guidance)
     label_smoothing: float | None = None  # None: 0.1 in mask mode, 0.0 in ar mode
@@ -269,7 +270,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         self.mask_id = K if c.mode == "mask" else None
         # Row num_classes is the null class: "no class", the unconditional half of guidance.
         self.class_emb = nn.Embedding(c.num_classes + 1, c.d_model) if c.num_classes else None
-        self.text_tokenizer = make_text_tokenizer(c.text_vocab) if c.text_vocab else None
+        self.text_tokenizer = make_text_tokenizer(c.text_vocab, c.text_words) if c.text_vocab else None
         self.text_emb = nn.Embedding(self.text_tokenizer.vocab_size, c.d_model) if c.text_vocab else None
         max_len = c.prefix_len + c.seq_len
         self.pos_emb = nn.Parameter(torch.zeros(max_len, c.d_model)) if c.positions == "learned" else None

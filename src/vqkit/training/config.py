@@ -116,6 +116,8 @@ class PriorTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, betas=[0.9, 0.95], weight_decay=0.01))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     conditioning: str = "auto"  # auto (class labels or captions when the data has them) | none | class | text
+    # TRAIN's tokens also from every image shifted by whole pixels within this radius ((2r+1)^2 copies); 0: none
+    shift_radius: int = 0
     steps: int = 3000
     batch_size: int = 64
     seed: int = 0
@@ -126,6 +128,10 @@ class PriorTrainConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 250
     preset: str | None = None
+
+    def __post_init__(self):
+        if self.shift_radius < 0:
+            raise ValueError(f"shift_radius must be >= 0 (whole pixels), got {self.shift_radius}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,6 +79,26 @@ def train_tokenizer(cfg: TrainConfig | None, out_dir: str | Path, resume: bool =
     return Trainer(task, cfg, out_dir, train_src, resume=resume, stop_at=stop_at, progress=progress).run()
 
 
+def caption_words(cfg, train_tokens, test_tokens, text_vocab: str | None) -> list[str] | None:
+    """The word vocabulary of a "words" prior: TRAIN's words (kept from the saved config on resume). TEST captions
+    with other words would fail at evaluation, and captions longer than max_text_len would be cut: both refused."""
+    if text_vocab != "words":
+        return None
+    from ..models.text import split_words, word_vocabulary
+
+    words = cfg.prior.text_words or word_vocabulary(train_tokens.captions)
+    known = set(words)
+    unseen = sorted({w for c in test_tokens.captions for w in split_words(c)} - known)
+    if unseen:
+        raise ConfigError(f"{cfg.data.source}: TEST captions use words that no TRAIN caption has ({', '.join(unseen[:20])}); "
+                          f"use prior.text_vocab=bytes for open-vocabulary captions")
+    longest = max(len(split_words(c)) for c in [*train_tokens.captions, *test_tokens.captions]) + 2
+    if longest > cfg.prior.max_text_len:
+        raise ConfigError(f"{cfg.data.source}: the longest caption takes {longest} word tokens (BOS and EOS included), "
+                          f"more than prior.max_text_len={cfg.prior.max_text_len}; raise it")
+    return words
+
+
 def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: bool = False,
                 stop_at: int | None = None, progress: bool = True, resume_overrides: dict | None = None) -> dict | None:
     """Train (or resume) a TokenPrior over the tokens that ``tokenizer_dir`` gives the configured data."""
@@ -107,16 +127,19 @@ def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: boo
     cache = out_dir / "tokens"
     if D.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-        token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress)  # tokenize once, on rank 0
+        # tokenize once, on rank 0
+        token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress, cfg.shift_radius)
         token_set(tokenizer, test_src, conditioning, cache / "test.safetensors", progress)
     D.barrier()
-    train_tokens = token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress)
+    train_tokens = token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress,
+                             cfg.shift_radius)
     test_tokens = token_set(tokenizer, test_src, conditioning, cache / "test.safetensors", progress)
     h, w = train_tokens.tokens.shape[-2:]
+    text_vocab = (cfg.prior.text_vocab or "bytes") if conditioning == "text" else None
     cfg.prior = dataclasses.replace(
         cfg.prior, codebook_size=tokenizer.config.codebook_size, token_grid=[int(h), int(w)],
-        num_classes=train_src.num_classes if conditioning == "class" else None,
-        text_vocab=(cfg.prior.text_vocab or "bytes") if conditioning == "text" else None,
+        num_classes=train_src.num_classes if conditioning == "class" else None, text_vocab=text_vocab,
+        text_words=caption_words(cfg, train_tokens, test_tokens, text_vocab),
         tokenizer=record_tokenizer_path(out_dir, Path(tokenizer_dir)))
     if D.is_main_process():
         if not resume:
