@@ -106,13 +106,15 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
 
 @torch.no_grad()
 def evaluate_caption_samples(generate: GenerateFn, dataset: str = "shapes", num: int = 500, seed: int = 0,
-                             batch_size: int = 64) -> dict:
-    """Text-conditional samples for TEST captions, checked by measuring colour, position and shape in the images."""
+                             batch_size: int = 64, split: str = "test") -> dict:
+    """Text-conditional samples for the first ``num`` captions of ``split`` (TEST; TRAIN's serve to choose sampling
+    settings without looking at TEST), checked by measuring colour, position and shape in the images."""
     from ..data.shapes import caption_match
 
-    test = load_source(dataset, "test")
-    captions = list(test.captions[:num])
+    source = load_source(dataset, split)
+    captions = list(source.captions[:num])
     images = generate(len(captions), {"captions": captions}, seed=seed, batch_size=batch_size)
-    checks = [caption_match(images[i], test.attributes[i]) for i in range(len(captions))]
+    checks = [caption_match(images[i], source.attributes[i]) for i in range(len(captions))]
     share = {k: sum(c[k] for c in checks) / len(checks) for k in ("colour", "position", "shape", "all")}
-    return {"dataset": dataset, "num_samples": len(captions), **{f"match_{k}": v for k, v in share.items()}}
+    return {"dataset": dataset, "split": split, "num_samples": len(captions),
+            **{f"match_{k}": v for k, v in share.items()}}
