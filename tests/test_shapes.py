@@ -163,3 +163,20 @@ def test_read_captions_needs_exactly_one_file(tmp_path):
     (tmp_path / "captions.csv").write_text("")
     with pytest.raises(SourceError, match="both"):
         read_captions(tmp_path)
+
+
+def test_caption_sample_evaluation_reads_the_requested_split():
+    """A 'generator' that draws the real image of each caption it knows: perfect on the split it knows, and the
+    split argument really switches the captions (TRAIN's scenes are not TEST's)."""
+    from vqkit.apps.sample_eval import evaluate_caption_samples
+
+    test = load_source("shapes", "test")
+    by_caption = {c: (test.data[i] + 1) / 2 for i, c in enumerate(test.captions[:40])}
+
+    def generate(n, condition, seed=0, batch_size=64):
+        return torch.stack([by_caption.get(c, torch.zeros(3, 32, 32)) for c in condition["captions"]])
+
+    on_test = evaluate_caption_samples(generate, "shapes", num=40)
+    assert on_test["split"] == "test" and on_test["num_samples"] == 40 and on_test["match_all"] == 1.0
+    on_train = evaluate_caption_samples(generate, "shapes", num=40, split="train")
+    assert on_train["split"] == "train" and on_train["match_all"] < 0.5
