@@ -88,7 +88,7 @@ def test_text_conditional_prior_on_shapes(tmp_path, capsys):
     tok, prior = tmp_path / "tok", tmp_path / "prior"
     assert main(["train", "tokenizer", "--data", "shapes", "--out", str(tok), *TINY_TOKENIZER]) == 0
     assert main(["train", "prior", "--tokenizer", str(tok), "--data", "shapes", "--out", str(prior), "--steps", "2",
-                 *TINY_PRIOR, "prior.max_text_len=72"]) == 0
+                 *TINY_PRIOR, "prior.text_vocab=bytes", "prior.max_text_len=72"]) == 0
     config = json.loads((prior / "config.json").read_text())
     assert config["text_vocab"] == "bytes" and config["num_classes"] is None
     assert main(["sample", "--prior", str(prior), "--text", "a red circle at the top left", "--n", "2",
@@ -98,7 +98,7 @@ def test_text_conditional_prior_on_shapes(tmp_path, capsys):
     # a word vocabulary read from TRAIN's captions: saved in the config, unknown words refused with their names
     words = tmp_path / "words"
     assert main(["train", "prior", "--tokenizer", str(tok), "--data", "shapes", "--out", str(words), "--steps", "2",
-                 *TINY_PRIOR, "prior.text_vocab=words", "prior.max_text_len=17"]) == 0
+                 *TINY_PRIOR, "prior.max_text_len=17"]) == 0  # the shapes preset's vocabulary: words
     config = json.loads((words / "config.json").read_text())
     assert config["text_vocab"] == "words" and {"red", "circle", "top", "and"} <= set(config["text_words"])
     assert main(["sample", "--prior", str(words), "--text", "a red circle at the top left", "--n", "2",
