@@ -29,14 +29,13 @@ def parse_setting(text: str) -> dict:
             "guidance_scale": float(scale)}
 
 
-def caption_sweep(args, prior, tokenizer, sampling) -> None:
+def caption_sweep(args, generator_for) -> None:
     """Text-conditional priors: chosen by how often samples match 500 TRAIN captions; TEST's 500 printed beside."""
-    from vqkit.apps.sample_eval import evaluate_caption_samples, prior_generator
+    from vqkit.apps.sample_eval import evaluate_caption_samples
 
     rows = []
     for text in args.settings:
-        setting = {**sampling, **parse_setting(text)}
-        generate = prior_generator(prior, tokenizer, setting)
+        generate, setting = generator_for(text)
         train = evaluate_caption_samples(generate, args.data, seed=args.seed, split="train")
         test = evaluate_caption_samples(generate, args.data, seed=args.seed, split="test")
         row = {"setting": text, **setting, **{f"train_{k}": v for k, v in train.items() if k.startswith("match")},
@@ -52,38 +51,23 @@ def caption_sweep(args, prior, tokenizer, sampling) -> None:
                   chosen=chosen["setting"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prior", required=True)
-    ap.add_argument("--data", default="mnist5k")
-    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="temperature:top_k|none:guidance_scale")
-    ap.add_argument("--steps", type=int, default=None, help="mask mode: parallel decoding steps (default: the prior's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default=None, help="results file name (default: sampling_sweep_<prior folder>)")
-    args = ap.parse_args()
-
-    from vqkit.apps.generate import decode_samples, load_generator
+def class_sweep(args, generator_for) -> None:
+    """Class-conditional priors: chosen by FD of TRAIN's labels' worth of samples against TRAIN; TEST beside."""
     from vqkit.apps.sample_eval import sample_labels
     from vqkit.data.sources import load_source
-    from vqkit.metrics.classifier import fd_floor, get_classifier, source_tensors
+    from vqkit.metrics.classifier import fd_floor_of_features, get_classifier, source_tensors
     from vqkit.metrics.fd import frechet_distance
 
-    prior, tokenizer, sampling = load_generator(args.prior)
-    if prior.config.text_vocab:
-        return caption_sweep(args, prior, tokenizer, sampling)
     classifier = get_classifier(args.data)
     train_feats = classifier.features(source_tensors(load_source(args.data, "train"))[0])
     test_feats = classifier.features(source_tensors(load_source(args.data, "test"))[0])
-    floor = fd_floor(args.data, classifier)
+    floor = fd_floor_of_features(train_feats, test_feats)
     labels = sample_labels(args.data)
     rows = []
     for text in args.settings:
-        setting = parse_setting(text)
-        if args.steps is not None or "steps" in sampling:
-            setting["steps"] = args.steps or sampling["steps"]
+        generate, setting = generator_for(text)
         t0 = time.perf_counter()
-        grids = prior.sample(len(labels), {"labels": labels}, seed=args.seed, batch_size=64, **setting)
-        x = decode_samples(tokenizer, grids) * 2 - 1
+        x = generate(len(labels), {"labels": labels}, seed=args.seed) * 2 - 1
         feats = classifier.features(x)
         row = {"setting": text, **setting, "num_samples": len(labels),
                "class_accuracy": float((classifier.predict(x) == labels).float().mean()),
@@ -99,6 +83,29 @@ def main() -> None:
           f"= {chosen['fd_test_over_floor']:.2f}x the floor, accuracy {100 * chosen['class_accuracy']:.1f}%")
     write_results(args.name or f"sampling_sweep_{Path(args.prior).name}", rows, prior=str(args.prior),
                   chosen=chosen["setting"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prior", required=True)
+    ap.add_argument("--data", default="mnist5k")
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="temperature:top_k|none:guidance_scale")
+    ap.add_argument("--steps", type=int, default=None, help="mask mode: parallel decoding steps (default: the prior's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="results file name (default: sampling_sweep_<prior folder>)")
+    args = ap.parse_args()
+
+    from vqkit.apps.generate import load_generator
+    from vqkit.apps.sample_eval import prior_generator
+
+    prior, tokenizer, sampling = load_generator(args.prior)
+
+    def generator_for(text: str):
+        """The prior's saved sampling settings with this setting (and --steps) applied."""
+        setting = {**sampling, **parse_setting(text), **({"steps": args.steps} if args.steps else {})}
+        return prior_generator(prior, tokenizer, setting), setting
+
+    (caption_sweep if prior.config.text_vocab else class_sweep)(args, generator_for)
 
 
 if __name__ == "__main__":

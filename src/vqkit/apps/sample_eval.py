@@ -71,7 +71,7 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     when fewer), and ``fd_over_floor`` the ratio to read. By default (``per_class=None``) the samples follow TRAIN's
     labels exactly, and the two floors coincide.
     """
-    from ..metrics.classifier import fd_floor, get_classifier, source_tensors
+    from ..metrics.classifier import fd_floor_of_features, get_classifier, source_tensors
     from ..metrics.fd import frechet_distance, kernel_distance
 
     with torch.enable_grad():  # the first call trains the classifier (then it is cached)
@@ -84,13 +84,13 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     wall = time.perf_counter() - t0
     x = images * 2 - 1
     accuracy = float((classifier.predict(x) == labels).float().mean())
-    # features once for FD and KID; the floor at the samples' size is the full floor unless there are fewer samples
+    # features of each set once, for FD, KID and both floors
     sample_feats, test_feats = classifier.features(x), classifier.features(source_tensors(test)[0])
+    train_feats = classifier.features(source_tensors(load_source(dataset, "train"))[0])
     kid = kernel_distance(sample_feats, test_feats)
     fd = frechet_distance(sample_feats, test_feats)
-    floor = fd_floor(dataset, classifier)
-    num_train = len(load_source(dataset, "train"))
-    floor_same_n = floor if len(labels) >= num_train else fd_floor(dataset, classifier, n=len(labels))
+    floor = fd_floor_of_features(train_feats, test_feats)
+    floor_same_n = fd_floor_of_features(train_feats, test_feats, n=len(labels))
     result = {
         "dataset": dataset, "num_samples": len(labels), "class_accuracy": accuracy,
         "fd": fd, "fd_floor_same_n": floor_same_n, "fd_over_floor": fd / floor_same_n,

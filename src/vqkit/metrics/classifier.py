@@ -340,15 +340,23 @@ def fd_floor(dataset: str = "mnist5k", extractor=None, device: str = "cpu", prog
              n: int | None = None, repeats: int = 5, seed: int = 0, **source_options) -> float:
     """FD(TRAIN, TEST) of a dataset: what two real samples of it score, the floor to read other FDs against.
 
-    FD is biased upwards by an amount that shrinks with the number of images, so a set of ``n`` generated images
-    must be read against real sets of the same size: with ``n`` (fewer than TRAIN holds) the floor is the mean FD of
-    ``repeats`` random ``n``-image subsets of TRAIN (seeded) against TEST; without it, all of TRAIN against TEST.
     ``extractor`` defaults to the dataset's cached classifier (trained first if needed); ``source_options`` go to
-    ``load_source`` (e.g. ``crop_size`` for photos).
+    ``load_source`` (e.g. ``crop_size`` for photos); ``n``, ``repeats``, ``seed`` as in ``fd_floor_of_features``.
     """
     extractor = extractor if extractor is not None else get_classifier(dataset, device, progress)
     train = extractor.features(_images(load_source(dataset, "train", **source_options)))
     test = extractor.features(_images(load_source(dataset, "test", **source_options)))
+    return fd_floor_of_features(train, test, n=n, repeats=repeats, seed=seed)
+
+
+def fd_floor_of_features(train: torch.Tensor, test: torch.Tensor, n: int | None = None, repeats: int = 5,
+                         seed: int = 0) -> float:
+    """The FD floor from TRAIN's and TEST's features (for callers that already extracted them).
+
+    FD is biased upwards by an amount that shrinks with the number of images, so a set of ``n`` generated images
+    must be read against real sets of the same size: with ``n`` (fewer than TRAIN holds) the floor is the mean FD of
+    ``repeats`` random ``n``-image subsets of TRAIN (seeded) against TEST; without it, all of TRAIN against TEST.
+    """
     if n is None or n >= len(train):
         return frechet_distance(train, test)
     if n < 2:

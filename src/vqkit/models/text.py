@@ -19,22 +19,20 @@ import torch
 TEXT_VOCABS = ("bytes", "words")
 
 
-class ByteTokenizer:
-    """UTF-8 byte-level tokenizer: ids 0..2 are PAD, BOS, EOS; byte b is id b + 3 (vocab_size 259)."""
+class FramedTokenizer:
+    """What both caption tokenizers share: ids 0..2 are PAD, BOS, EOS; a caption's own ids (``_body``) come framed
+    as ``[BOS, ..., EOS, PAD...]`` at a fixed length; ``_text`` turns the ids between BOS and EOS back into text."""
 
     PAD, BOS, EOS = 0, 1, 2
     NUM_SPECIAL = 3
-    vocab_size = 256 + NUM_SPECIAL
-    name = "bytes"
 
     def encode(self, text: str, max_len: int) -> list[int]:
-        """``[BOS, bytes..., EOS, PAD...]`` of length ``max_len``; bytes past ``max_len - 2`` are cut off."""
+        """``[BOS, ids..., EOS, PAD...]`` of length ``max_len``; ids past ``max_len - 2`` are cut off."""
         if not isinstance(text, str):
             raise ValueError(f"a caption must be a str, got {type(text).__name__}")
         if max_len < 2:
             raise ValueError(f"max_len must leave room for BOS and EOS (>= 2), got {max_len}")
-        body = [b + self.NUM_SPECIAL for b in text.encode("utf-8")[: max_len - 2]]
-        ids = [self.BOS, *body, self.EOS]
+        ids = [self.BOS, *self._body(text)[: max_len - 2], self.EOS]
         return ids + [self.PAD] * (max_len - len(ids))
 
     def encode_batch(self, texts: list[str], max_len: int) -> torch.Tensor:
@@ -42,14 +40,33 @@ class ByteTokenizer:
         return torch.tensor([self.encode(t, max_len) for t in texts], dtype=torch.long).reshape(len(texts), max_len)
 
     def decode(self, ids) -> str:
-        """The text between BOS and the first EOS (special tokens dropped; a cut-off multi-byte char is replaced)."""
-        out = bytearray()
+        """The text of the ids before the first EOS (special tokens dropped)."""
+        body = []
         for i in (int(i) for i in ids):
             if i == self.EOS:
                 break
             if i >= self.NUM_SPECIAL:
-                out.append(i - self.NUM_SPECIAL)
-        return out.decode("utf-8", errors="replace")
+                body.append(i - self.NUM_SPECIAL)
+        return self._text(body)
+
+    def _body(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _text(self, body: list[int]) -> str:
+        raise NotImplementedError
+
+
+class ByteTokenizer(FramedTokenizer):
+    """UTF-8 byte-level tokenizer: byte b is id b + 3 (vocab_size 259)."""
+
+    vocab_size = 256 + FramedTokenizer.NUM_SPECIAL
+    name = "bytes"
+
+    def _body(self, text: str) -> list[int]:
+        return [b + self.NUM_SPECIAL for b in text.encode("utf-8")]
+
+    def _text(self, body: list[int]) -> str:
+        return bytes(body).decode("utf-8", errors="replace")  # a cut-off multi-byte char is replaced
 
 
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*|[^\w\s]|_")
@@ -67,11 +84,10 @@ def word_vocabulary(captions) -> list[str]:
     return sorted({w for caption in captions for w in split_words(caption)})
 
 
-class WordTokenizer:
-    """One id per word of a fixed vocabulary: ids 0..2 are PAD, BOS, EOS; word i is id i + 3."""
+class WordTokenizer(FramedTokenizer):
+    """One id per word of a fixed vocabulary: word i is id i + 3. A word outside the vocabulary is an error that
+    names it (the prior has never seen it, so it cannot follow it)."""
 
-    PAD, BOS, EOS = 0, 1, 2
-    NUM_SPECIAL = 3
     name = "words"
 
     def __init__(self, words: list[str]):
@@ -83,33 +99,17 @@ class WordTokenizer:
             raise ValueError("the word vocabulary repeats a word")
         self.vocab_size = len(self.words) + self.NUM_SPECIAL
 
-    def encode(self, text: str, max_len: int) -> list[int]:
-        """``[BOS, words..., EOS, PAD...]`` of length ``max_len``; words past ``max_len - 2`` are cut off. A word
-        outside the vocabulary is an error that names it (the prior has never seen it, so it cannot follow it)."""
-        if max_len < 2:
-            raise ValueError(f"max_len must leave room for BOS and EOS (>= 2), got {max_len}")
+    def _body(self, text: str) -> list[int]:
         words = split_words(text)
         unknown = sorted({w for w in words if w not in self.ids})
         if unknown:
             shown = ", ".join(self.words[:40]) + (" ..." if len(self.words) > 40 else "")
             raise ValueError(f"caption {text!r} uses words this prior never saw: {', '.join(unknown)} "
                              f"(it knows {len(self.words)}: {shown})")
-        ids = [self.BOS, *(self.ids[w] for w in words[: max_len - 2]), self.EOS]
-        return ids + [self.PAD] * (max_len - len(ids))
+        return [self.ids[w] for w in words]
 
-    def encode_batch(self, texts: list[str], max_len: int) -> torch.Tensor:
-        """int64 [len(texts), max_len]."""
-        return torch.tensor([self.encode(t, max_len) for t in texts], dtype=torch.long).reshape(len(texts), max_len)
-
-    def decode(self, ids) -> str:
-        """The words between BOS and the first EOS, joined by spaces."""
-        out = []
-        for i in (int(i) for i in ids):
-            if i == self.EOS:
-                break
-            if i >= self.NUM_SPECIAL:
-                out.append(self.words[i - self.NUM_SPECIAL])
-        return " ".join(out)
+    def _text(self, body: list[int]) -> str:
+        return " ".join(self.words[i] for i in body)
 
 
 def make_text_tokenizer(name: str, words: list[str] | None = None) -> ByteTokenizer | WordTokenizer:
