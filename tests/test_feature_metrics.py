@@ -203,3 +203,33 @@ def test_sample_labels_follow_train_by_default():
     assert torch.equal(sample_labels("mnist5k", per_class=3), torch.arange(10).repeat_interleave(3))
     with pytest.raises(ValueError, match="per_class"):
         sample_labels("mnist5k", per_class=0)
+
+
+def test_tokenizer_ceiling_is_what_reproducing_train_scores(monkeypatch, tmp_path):
+    """fd_tokenizer_ceiling is FD(TRAIN's reconstructions, TEST): a 'generator' that returns exactly those
+    reconstructions scores the same FD, and real TRAIN images (a lossless 'tokenizer') score the floor."""
+    from vqkit import VQModel, VQModelConfig
+    from vqkit.apps.sample_eval import evaluate_class_samples, reconstruct
+    from vqkit.metrics.classifier import source_tensors
+
+    monkeypatch.setenv("VQKIT_CACHE", str(tmp_path / "cache"))
+    real_get = classifier_module.get_classifier
+    monkeypatch.setattr(classifier_module, "get_classifier", lambda dataset, **kw: real_get(dataset, recipe=TINY, **kw))
+    torch.manual_seed(0)
+    tokenizer = VQModel(VQModelConfig(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2],
+                                      num_res_blocks=1, z_channels=8, embed_dim=8, codebook_size=16,
+                                      dead_code_window=0)).eval()
+    train_images, train_labels = source_tensors(load_source("digits", "train"))
+    order = train_labels.argsort(stable=True)  # evaluate_class_samples asks for TRAIN's labels, sorted
+    reconstructions = reconstruct(tokenizer, train_images[order])
+    assert reconstructions.shape == train_images.shape and 0 <= reconstructions.min() <= reconstructions.max() <= 1
+
+    def replay(images):
+        return lambda n, condition=None, seed=0, batch_size=64: images[:n]
+
+    result = evaluate_class_samples(replay(reconstructions), "digits", progress=False, timing=False,
+                                    tokenizer=tokenizer)
+    assert result["fd_tokenizer_ceiling"] == pytest.approx(result["fd"], rel=1e-6)
+    assert result["fd_tokenizer_ceiling"] > result["fd_floor_same_n"]  # an untrained tokenizer loses a lot
+    real = evaluate_class_samples(replay((train_images[order] + 1) / 2), "digits", progress=False, timing=False)
+    assert real["fd"] == pytest.approx(real["fd_floor_same_n"], rel=1e-6) and "fd_tokenizer_ceiling" not in real

@@ -59,9 +59,11 @@ def test_samples_are_seeded(tokenizer_dir, tmp_path):
     assert not np.array_equal(pixels[0], pixels[2])
 
 
-def test_prior_resume_is_exact(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("ema", [[], ["ema_decay=0.9"]], ids=["raw", "ema"])
+def test_prior_resume_is_exact(tokenizer_dir, tmp_path, ema):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--steps", "6", *TINY_PRIOR]
+    common = ["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--steps", "6", *TINY_PRIOR,
+              *ema]
     assert main([*common, "--out", str(straight)]) == 0
     assert main([*common, "--out", str(resumed), "--stop-at", "3"]) == 0
     assert not (resumed / "model.safetensors").exists()

@@ -126,6 +126,7 @@ def cmd_eval_samples(args) -> int:
 
     if bool(args.prior) == bool(args.gan):
         return _error("give exactly one of --prior DIR or --gan DIR")
+    tokenizer = None
     if args.prior:
         from .apps.generate import load_generator
 
@@ -142,7 +143,7 @@ def cmd_eval_samples(args) -> int:
         result = evaluate_caption_samples(generate, args.data or "shapes", num=args.n, seed=args.seed)
     else:
         result = evaluate_class_samples(generate, args.data or "mnist5k", per_class=args.per_class, seed=args.seed,
-                                        timing=not args.no_timing)
+                                        timing=not args.no_timing, tokenizer=tokenizer)
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")

@@ -47,7 +47,7 @@ def run_demo(out: str | Path, data: str = "mnist5k", progress: bool = True, toke
     generate = prior_generator(prior, tokenizer, sampling)
     labels = torch.arange(prior.config.num_classes).repeat_interleave(10)
     save_image(out / "samples.png", make_grid(generate(len(labels), {"labels": labels}, seed=0), nrow=10))
-    sample_eval = evaluate_class_samples(generate, data, per_class=per_class, progress=progress)
+    sample_eval = evaluate_class_samples(generate, data, per_class=per_class, progress=progress, tokenizer=tokenizer)
     atomic_write_json(out / "eval_samples.json", sample_eval)
     stage(4, "writing the report")
     from ..report import write_report

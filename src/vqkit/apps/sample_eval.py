@@ -61,8 +61,17 @@ def sample_labels(dataset: str, per_class: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] through the tokenizer and back: [N, C, H, W] in [0, 1]."""
+    device = next(tokenizer.parameters()).device
+    return torch.cat([tokenizer.detokenize(tokenizer.tokenize(((x + 1) / 2).to(device)), size=tuple(x.shape[-2:])).cpu()
+                      for x in images.split(batch_size)])
+
+
+@torch.no_grad()
 def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_class: int | None = None,
-                           seed: int = 0, batch_size: int = 64, progress: bool = True, timing: bool = True) -> dict:
+                           seed: int = 0, batch_size: int = 64, progress: bool = True, timing: bool = True,
+                           tokenizer=None) -> dict:
     """Class-conditional samples of every class, judged by vqkit's classifier trained on TRAIN only.
 
     FD is biased upwards by a term that shrinks with the number of images (1000 real TRAIN images score about 1.0
@@ -70,6 +79,10 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     ``fd_floor_same_n`` is FD(TRAIN, TEST) with as many TRAIN images as there are samples (mean over random subsets
     when fewer), and ``fd_over_floor`` the ratio to read. By default (``per_class=None``) the samples follow TRAIN's
     labels exactly, and the two floors coincide.
+
+    With the prior's ``tokenizer``, ``fd_tokenizer_ceiling`` is FD(TRAIN's reconstructions, TEST) at the same size:
+    what a prior that reproduced TRAIN's token grids exactly would score, so the gap between it and ``fd`` is the
+    prior's and the gap between the floor and it the tokenizer's.
     """
     from ..metrics.classifier import fd_floor_of_features, get_classifier, source_tensors
     from ..metrics.fd import frechet_distance, kernel_distance
@@ -86,7 +99,8 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     accuracy = float((classifier.predict(x) == labels).float().mean())
     # features of each set once, for FD, KID and both floors
     sample_feats, test_feats = classifier.features(x), classifier.features(source_tensors(test)[0])
-    train_feats = classifier.features(source_tensors(load_source(dataset, "train"))[0])
+    train_images = source_tensors(load_source(dataset, "train"))[0]
+    train_feats = classifier.features(train_images)
     kid = kernel_distance(sample_feats, test_feats)
     fd = frechet_distance(sample_feats, test_feats)
     floor = fd_floor_of_features(train_feats, test_feats)
@@ -97,6 +111,9 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
         "fd_floor_train_test": floor, "kid": kid.mean, "kid_std": kid.std,
         "feature_network": classifier.name, "samples_per_second": len(labels) / wall,
     }
+    if tokenizer is not None:
+        recon_feats = classifier.features(reconstruct(tokenizer, train_images) * 2 - 1)
+        result["fd_tokenizer_ceiling"] = fd_floor_of_features(recon_feats, test_feats, n=len(labels))
     if timing:
         condition_for = lambda n: {"labels": torch.arange(n) % num_classes}  # noqa: E731
         result["latency_batch1_seconds"] = time_generation(generate, condition_for, 1, repeats=5)

@@ -118,6 +118,9 @@ class PriorTrainConfig:
     conditioning: str = "auto"  # auto (class labels or captions when the data has them) | none | class | text
     # TRAIN's tokens also from every image shifted by whole pixels within this radius ((2r+1)^2 copies); 0: none
     shift_radius: int = 0
+    # Exponential moving average of the prior's weights (0: off). The averaged weights are what is saved, evaluated
+    # and sampled from; the optimizer keeps training the raw ones.
+    ema_decay: float = 0.0
     steps: int = 3000
     batch_size: int = 64
     seed: int = 0
@@ -132,6 +135,8 @@ class PriorTrainConfig:
     def __post_init__(self):
         if self.shift_radius < 0:
             raise ValueError(f"shift_radius must be >= 0 (whole pixels), got {self.shift_radius}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

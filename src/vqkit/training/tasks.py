@@ -19,6 +19,7 @@ from ..io import atomic_write_json
 from ..metrics import psnr_per_image
 from ..models.tokenizer import VQModel
 from .config import TrainConfig
+from .ema import WeightEMA
 from .trainer import lr_at
 
 
@@ -242,14 +243,25 @@ class PriorTask:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.prior.parameters(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
+        self.ema = WeightEMA(self.prior, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.started = time.time()
 
+    @property
+    def final_prior(self):
+        """The weights that are saved, evaluated and sampled from: the moving average when there is one."""
+        return self.ema.averaged if self.ema is not None else self.prior
+
     def state(self) -> dict:
-        return {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state()
+        return state
 
     def load_state(self, state: dict) -> None:
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state(state["ema"])
 
     def train_step(self, tokens: torch.Tensor, rows: torch.Tensor, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -265,11 +277,13 @@ class PriorTask:
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.prior.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.prior)
         return {"loss": float(out.loss.detach()), "acc": float(out.accuracy), "lr": lr}
 
     def preview_condition(self, n_per: int = 8):
         """A condition per preview row: every class (up to 10), or the first TEST captions, or none."""
-        c = self.prior.config
+        c = self.final_prior.config
         if c.num_classes:
             labels = torch.arange(min(c.num_classes, 10)).repeat_interleave(n_per)
             return {"labels": labels}, len(labels)
@@ -282,8 +296,9 @@ class PriorTask:
     def sample_images(self, seed: int = 0) -> torch.Tensor:
         from ..apps.generate import decode_samples, sampling_kwargs
 
+        prior = self.final_prior
         condition, n = self.preview_condition()
-        grids = self.prior.sample(n, condition, seed=seed, **sampling_kwargs(self.cfg.sampling, self.prior))
+        grids = prior.sample(n, condition, seed=seed, **sampling_kwargs(self.cfg.sampling, prior))
         return decode_samples(self.tokenizer, grids)
 
     def write_images(self, out_dir: Path, step: int) -> None:
@@ -293,7 +308,7 @@ class PriorTask:
         out_dir = Path(out_dir)
         result = None
         if D.is_main_process():
-            self.prior.save_pretrained(out_dir)
+            self.final_prior.save_pretrained(out_dir)
             atomic_write_json(out_dir / "sampling.json", dataclasses.asdict(self.cfg.sampling))
             result = self.evaluate()
             result["train_seconds"] = round(time.time() - self.started, 1)
@@ -307,13 +322,13 @@ class PriorTask:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out token loss: AR gives exact bits per image (-sum log2 p); mask mode its masked-token loss."""
-        self.prior.eval()
+        prior = self.final_prior.eval()
         tokens, rows = self.test_tokens.tensors()
         bs = self.cfg.eval_batch_size
-        if self.prior.config.mode == "ar":
+        if prior.config.mode == "ar":
             total = 0.0
             for s in range(0, len(tokens), bs):
-                lp = self.prior.log_prob(tokens[s:s + bs].to(self.device), self.test_tokens.condition(rows[s:s + bs]))
+                lp = prior.log_prob(tokens[s:s + bs].to(self.device), self.test_tokens.condition(rows[s:s + bs]))
                 total += float(lp.double().sum())
             bits = -total / math.log(2) / len(tokens)
             return {"mode": "ar", "test_bits_per_image": bits, "test_bits_per_token": bits / tokens[0].numel(),
@@ -321,6 +336,6 @@ class PriorTask:
         g = torch.Generator(device=self.device).manual_seed(0)
         losses = []
         for s in range(0, len(tokens), bs):
-            out = self.prior(tokens[s:s + bs].to(self.device), self.test_tokens.condition(rows[s:s + bs]), generator=g)
+            out = prior(tokens[s:s + bs].to(self.device), self.test_tokens.condition(rows[s:s + bs]), generator=g)
             losses.append(float(out.loss) * (min(bs, len(tokens) - s)))
         return {"mode": "mask", "test_masked_token_loss": sum(losses) / len(tokens), "num_images": len(tokens)}
