@@ -115,7 +115,8 @@ def cmd_demo(args) -> int:
     print(f"  tokenizer  PSNR {summary['tokenizer']['psnr']:.2f} dB, codebook usage "
           f"{100 * summary['tokenizer']['codebook_usage']:.0f}%")
     print(f"  samples    class accuracy {100 * s['class_accuracy']:.1f}%, FD {s['fd']:.2f} "
-          f"(floor FD(TRAIN,TEST) {s['fd_floor_train_test']:.2f}), KID {s['kid']:.4f}")
+          f"(floor FD(TRAIN,TEST) {s['fd_floor_train_test']:.2f}; the tokenizer's ceiling, FD of TRAIN's "
+          f"reconstructions, {s['fd_tokenizer_ceiling']:.2f}), KID {s['kid']:.4f}")
     print(f"  open {Path(args.out) / 'report.html'}")
     return 0
 
