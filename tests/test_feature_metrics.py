@@ -209,7 +209,8 @@ def test_tokenizer_ceiling_is_what_reproducing_train_scores(monkeypatch, tmp_pat
     """fd_tokenizer_ceiling is FD(TRAIN's reconstructions, TEST): a 'generator' that returns exactly those
     reconstructions scores the same FD, and real TRAIN images (a lossless 'tokenizer') score the floor."""
     from vqkit import VQModel, VQModelConfig
-    from vqkit.apps.sample_eval import evaluate_class_samples, reconstruct
+    from vqkit.apps.generate import decode_samples, tokenize_source
+    from vqkit.apps.sample_eval import evaluate_class_samples
     from vqkit.metrics.classifier import source_tensors
 
     monkeypatch.setenv("VQKIT_CACHE", str(tmp_path / "cache"))
@@ -219,9 +220,10 @@ def test_tokenizer_ceiling_is_what_reproducing_train_scores(monkeypatch, tmp_pat
     tokenizer = VQModel(VQModelConfig(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2],
                                       num_res_blocks=1, z_channels=8, embed_dim=8, codebook_size=16,
                                       dead_code_window=0)).eval()
-    train_images, train_labels = source_tensors(load_source("digits", "train"))
+    train = load_source("digits", "train")
+    train_images, train_labels = source_tensors(train)
     order = train_labels.argsort(stable=True)  # evaluate_class_samples asks for TRAIN's labels, sorted
-    reconstructions = reconstruct(tokenizer, train_images[order])
+    reconstructions = decode_samples(tokenizer, tokenize_source(tokenizer, train, progress=False))[order]
     assert reconstructions.shape == train_images.shape and 0 <= reconstructions.min() <= reconstructions.max() <= 1
 
     def replay(images):

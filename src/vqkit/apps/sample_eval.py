@@ -61,14 +61,6 @@ def sample_labels(dataset: str, per_class: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Images [N, C, H, W] in [-1, 1] through the tokenizer and back: [N, C, H, W] in [0, 1]."""
-    device = next(tokenizer.parameters()).device
-    return torch.cat([tokenizer.detokenize(tokenizer.tokenize(((x + 1) / 2).to(device)), size=tuple(x.shape[-2:])).cpu()
-                      for x in images.split(batch_size)])
-
-
-@torch.no_grad()
 def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_class: int | None = None,
                            seed: int = 0, batch_size: int = 64, progress: bool = True, timing: bool = True,
                            tokenizer=None) -> dict:
@@ -99,8 +91,8 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     accuracy = float((classifier.predict(x) == labels).float().mean())
     # features of each set once, for FD, KID and both floors
     sample_feats, test_feats = classifier.features(x), classifier.features(source_tensors(test)[0])
-    train_images = source_tensors(load_source(dataset, "train"))[0]
-    train_feats = classifier.features(train_images)
+    train = load_source(dataset, "train")
+    train_feats = classifier.features(source_tensors(train)[0])
     kid = kernel_distance(sample_feats, test_feats)
     fd = frechet_distance(sample_feats, test_feats)
     floor = fd_floor_of_features(train_feats, test_feats)
@@ -112,7 +104,10 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
         "feature_network": classifier.name, "samples_per_second": len(labels) / wall,
     }
     if tokenizer is not None:
-        recon_feats = classifier.features(reconstruct(tokenizer, train_images) * 2 - 1)
+        from .generate import decode_samples, tokenize_source
+
+        reconstructions = decode_samples(tokenizer, tokenize_source(tokenizer, train, progress=False))
+        recon_feats = classifier.features(reconstructions * 2 - 1)
         result["fd_tokenizer_ceiling"] = fd_floor_of_features(recon_feats, test_feats, n=len(labels))
     if timing:
         condition_for = lambda n: {"labels": torch.arange(n) % num_classes}  # noqa: E731

@@ -283,7 +283,7 @@ class PriorTask:
 
     def preview_condition(self, n_per: int = 8):
         """A condition per preview row: every class (up to 10), or the first TEST captions, or none."""
-        c = self.final_prior.config
+        c = self.prior.config
         if c.num_classes:
             labels = torch.arange(min(c.num_classes, 10)).repeat_interleave(n_per)
             return {"labels": labels}, len(labels)
