@@ -13,7 +13,8 @@ from vqkit.metrics import classifier as classifier_module
 from vqkit.metrics.classifier import (ClassifierRecipe, EffNetPooledFeatures, FeatureClassifier, classifier_dir,
                                       fd_between, fd_floor, get_classifier, kid_between, random_affine,
                                       recipe_hash, train_network)
-from vqkit.metrics.fd import KernelDistance, frechet_distance, frechet_distance_from_stats, kernel_distance
+from vqkit.metrics.fd import (KernelDistance, frechet_distance, frechet_distance_from_stats, kernel_distance,
+                              nearest_neighbour_ratio)
 
 # A few seconds of training on a subset: enough to test the plumbing, not to classify well.
 TINY = ClassifierRecipe(stage_widths=((4,), (8,)), grid=2, hidden=16, epochs=1, batch_size=32, max_train_images=256,
@@ -86,6 +87,18 @@ def test_kernel_distance_near_zero_for_one_distribution_and_positive_for_shifted
     assert abs(same.mean) < 3 * same.std + 1e-3
     assert shifted.mean > 0.05 and shifted.mean > 20 * same.std
     assert kernel_distance(a, b, subsets=10, subset_size=300) == same  # seeded subsets: the same number again
+
+
+def test_nearest_neighbour_ratio_tells_copies_from_new_draws():
+    rng = np.random.default_rng(0)
+    train, test, fresh = rng.normal(size=(800, 8)), rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    assert nearest_neighbour_ratio(fresh, train, test) == pytest.approx(1.0, abs=0.1)
+    assert nearest_neighbour_ratio(train[:300], train, test) == pytest.approx(0.0, abs=1e-4)  # exact copies
+    near_copies = nearest_neighbour_ratio(train[:300] + 0.05 * rng.normal(size=(300, 8)), train, test)
+    assert 0.0 < near_copies < 0.3
+    assert nearest_neighbour_ratio(fresh, train, test, chunk=7) == pytest.approx(nearest_neighbour_ratio(fresh, train, test))
+    with pytest.raises(ValueError, match="feature sizes"):
+        nearest_neighbour_ratio(fresh[:, :4], train, test)
 
 
 # ----------------------------------------------------------------------------------------------------------- classifier
@@ -235,3 +248,4 @@ def test_tokenizer_ceiling_is_what_reproducing_train_scores(monkeypatch, tmp_pat
     assert result["fd_tokenizer_ceiling"] > result["fd_floor_same_n"]  # an untrained tokenizer loses a lot
     real = evaluate_class_samples(replay((train_images[order] + 1) / 2), "digits", progress=False, timing=False)
     assert real["fd"] == pytest.approx(real["fd_floor_same_n"], rel=1e-6) and "fd_tokenizer_ceiling" not in real
+    assert real["train_nearest_neighbour_ratio"] == pytest.approx(0.0, abs=1e-3)  # replaying TRAIN copies it

@@ -67,6 +67,7 @@ def test_options_rope_swiglu_rmsnorm_untied():
 # ------------------------------------------------------------------------------------------------------ ar mode
 @pytest.mark.parametrize("options, condition", [
     ({"num_classes": 3}, [0, 1, 2, 0, 1]),
+    ({"num_classes": 3, "class_at_every_token": True}, [0, 1, 2, 0, 1]),
     ({"text_vocab": "bytes", "max_text_len": 6, "positions": "rope"}, ["a", "b", "cc", "", "d"]),
     ({}, None),
 ])
@@ -166,9 +167,10 @@ def test_sampling_is_deterministic_per_seed(mode):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("every_token", [False, True])
 @pytest.mark.parametrize("mode", ["ar", "mask"])
-def test_classifier_free_guidance(mode):
-    prior = tiny(mode, num_classes=3)
+def test_classifier_free_guidance(mode, every_token):
+    prior = tiny(mode, num_classes=3, class_at_every_token=every_token)
     x = grids(3)
     if mode == "mask":
         x = x.reshape(3, -1).masked_fill(torch.rand(3, 12, generator=torch.Generator().manual_seed(0)) < 0.5, K)
@@ -181,6 +183,21 @@ def test_classifier_free_guidance(mode):
     if mode == "ar":  # the cached, batched [cond; uncond] decoding matches the full guided forward
         torch.testing.assert_close(used.reshape(3, 12, K), prior.logits(samples, [0, 1, 2], guidance_scale=2.5),
                                    rtol=0, atol=1e-5)
+
+
+def test_class_at_every_token_conditions_every_position():
+    torch.manual_seed(0)
+    prefix_only, every = tiny("ar", num_classes=3), tiny("ar", num_classes=3, class_at_every_token=True)
+    every.load_state_dict(prefix_only.state_dict())  # same weights: the option adds no parameters
+    x = grids(2)
+    same_without_class = every.logits(x, None) - prefix_only.logits(x, None)
+    changed_with_class = every.logits(x, [1, 2]) - prefix_only.logits(x, [1, 2])
+    # the null class is added too (it is a class embedding like the others), so both differ from prefix-only;
+    # what matters is that the first position (predicted from the prefix alone) is unchanged and later ones move
+    torch.testing.assert_close(changed_with_class[:, 0], torch.zeros_like(changed_with_class[:, 0]), rtol=0, atol=1e-6)
+    assert changed_with_class[:, 1:].abs().max() > 1e-4 and same_without_class[:, 1:].abs().max() > 1e-4
+    with pytest.raises(ValueError, match="class_at_every_token needs class conditioning"):
+        TokenPrior(TokenPriorConfig(class_at_every_token=True))
 
 
 def test_condition_dropout_maps_to_the_null_condition():

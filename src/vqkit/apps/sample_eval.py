@@ -75,9 +75,13 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     With the prior's ``tokenizer``, ``fd_tokenizer_ceiling`` is FD(TRAIN's reconstructions, TEST) at the same size:
     what a prior that reproduced TRAIN's token grids exactly would score, so the gap between it and ``fd`` is the
     prior's and the gap between the floor and it the tokenizer's.
+
+    FD rewards copying TRAIN (TRAIN itself scores the floor), so ``train_nearest_neighbour_ratio`` says how close
+    the samples sit to TRAIN in the classifier's feature space relative to TEST's images (1: as novel as new real
+    images; well below 1: copies).
     """
     from ..metrics.classifier import fd_floor_of_features, get_classifier, source_tensors
-    from ..metrics.fd import frechet_distance, kernel_distance
+    from ..metrics.fd import frechet_distance, kernel_distance, nearest_neighbour_ratio
 
     with torch.enable_grad():  # the first call trains the classifier (then it is cached)
         classifier = get_classifier(dataset, progress=progress)
@@ -102,6 +106,8 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
         "fd": fd, "fd_floor_same_n": floor_same_n, "fd_over_floor": fd / floor_same_n,
         "fd_floor_train_test": floor, "kid": kid.mean, "kid_std": kid.std,
         "feature_network": classifier.name, "samples_per_second": len(labels) / wall,
+        # copying check: ~1 when the samples are as far from TRAIN as TEST's images are, well below 1 when they copy
+        "train_nearest_neighbour_ratio": nearest_neighbour_ratio(sample_feats, train_feats, test_feats),
     }
     if tokenizer is not None:
         from .generate import decode_samples, tokenize_source

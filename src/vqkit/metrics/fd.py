@@ -117,3 +117,26 @@ def kernel_distance(feats_a, feats_b, subsets: int = 100, subset_size: int | Non
     values = [_unbiased_mmd2(feats_a[rng.choice(len(feats_a), size, replace=False)],
                              feats_b[rng.choice(len(feats_b), size, replace=False)]) for _ in range(subsets)]
     return KernelDistance(float(np.mean(values)), float(np.std(values)))
+
+
+def nearest_neighbour_ratio(generated, reference, held_out, chunk: int = 1024) -> float:
+    """How close generated images sit to the training set, relative to fresh images: the mean Euclidean distance
+    from each ``generated`` vector to its nearest ``reference`` (TRAIN) vector, divided by the same mean for the
+    ``held_out`` (TEST) vectors.
+
+    About 1: the samples are as far from TRAIN as new real images are. Well below 1: they copy TRAIN. A low FD with a
+    low ratio is memorisation, not generalisation; FD alone cannot tell the two apart.
+    """
+    reference = torch.as_tensor(_as_matrix(reference))
+
+    def mean_nearest(feats) -> float:
+        feats = torch.as_tensor(_as_matrix(feats))
+        if feats.shape[1] != reference.shape[1]:
+            raise ValueError(f"feature sizes differ: {feats.shape[1]} vs {reference.shape[1]}")
+        return float(torch.cat([torch.cdist(feats[s:s + chunk], reference).min(dim=1).values
+                                for s in range(0, len(feats), chunk)]).mean())
+
+    fresh = mean_nearest(held_out)
+    if fresh == 0.0:
+        raise ValueError("every held-out vector equals a reference vector: the ratio is undefined")
+    return mean_nearest(generated) / fresh

@@ -10,7 +10,8 @@ One decoder-style transformer serves two modes (``TokenPriorConfig.mode``):
   all-[MASK] grid and fixes the most confident tokens over a few parallel steps.
 
 The prefix holds the condition: a class token (``num_classes``) and/or ``max_text_len`` caption tokens
-(``text_vocab``, see ``vqkit.models.text``), each with its own embedding table. Training replaces the condition by
+(``text_vocab``, see ``vqkit.models.text``), each with its own embedding table; ``class_at_every_token`` also adds the
+class embedding to every image token's input. Training replaces the condition by
 the null class / the empty caption with probability ``cond_dropout``, so that one model also gives the unconditional
 logits that classifier-free guidance needs. Losses are on image tokens only.
 
@@ -56,6 +57,9 @@ class TokenPriorConfig:
     text_words: list[str] | None = None  # text_vocab "words": its vocabulary (training reads it from TRAIN's captions)
     max_text_len: int = 64  # caption tokens in the prefix, BOS and EOS included
     cond_dropout: float = 0.1  # training: probability of the null class / empty caption (for guidance)
+    # Also add the class embedding to every image token's input, not only as the prefix token: a single prefix token
+    # gets diluted as the grid fills up, and the model drifts to whatever digit its first tokens resemble.
+    class_at_every_token: bool = False
     label_smoothing: float | None = None  # None: 0.1 in mask mode, 0.0 in ar mode
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
@@ -264,6 +268,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         elif kwargs:
             raise TypeError("pass either a config or keyword arguments, not both")
         self.config = c = config
+        # checked here, not in the config: training fills num_classes in from the data after reading the config
+        if c.class_at_every_token and not c.num_classes:
+            raise ValueError("invalid TokenPriorConfig: class_at_every_token needs class conditioning (num_classes)")
         K = c.codebook_size
         # Row K of the image-token table is the [MASK] token in mask mode and the start token in ar mode.
         self.token_emb = nn.Embedding(K + 1, c.d_model)
@@ -407,6 +414,13 @@ class TokenPrior(PretrainedMixin, nn.Module):
             parts.append(self.token_emb(start))
         return torch.cat(parts, dim=1) if parts else self.token_emb.weight.new_zeros(batch, 0, self.config.d_model)
 
+    def _embed_tokens(self, tokens: torch.Tensor, class_ids) -> torch.Tensor:
+        """Input embeddings [B, T, d] of image tokens [B, T] (with the class added when class_at_every_token)."""
+        x = self.token_emb(tokens)
+        if self.config.class_at_every_token and class_ids is not None:
+            x = x + self.class_emb(class_ids)[:, None]
+        return x
+
     def _transformer(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Embeddings [B, T, d] at positions start..start+T-1 -> final hidden states [B, T, d]."""
         rope = None
@@ -432,9 +446,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         prefix = self._prefix(class_ids, text_ids, len(tokens))
         p = prefix.shape[1]
         if self.config.mode == "ar":
-            hidden = self._transformer(torch.cat([prefix, self.token_emb(tokens[:, :-1])], dim=1))
+            hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens[:, :-1], class_ids)], dim=1))
             return self._head(hidden[:, p - 1:])
-        hidden = self._transformer(torch.cat([prefix, self.token_emb(tokens)], dim=1))
+        hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens, class_ids)], dim=1))
         return self._head(hidden[:, p:])
 
     def _guided_logits(self, tokens, class_ids, text_ids, guidance_scale: float | None) -> torch.Tensor:
@@ -588,7 +602,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
             tokens[:, i] = sample_from_logits(logits, **draw)[0]
             if i + 1 < c.seq_len:
                 step_input = tokens[:, i].repeat(2 if guidance is not None else 1)
-                hidden = self._transformer(self.token_emb(step_input)[:, None], c.prefix_len + i, caches)[:, -1]
+                hidden = self._transformer(self._embed_tokens(step_input[:, None], class_ids), c.prefix_len + i,
+                                           caches)[:, -1]
         return tokens, used
 
     def _sample_mask(self, batch: int, class_ids, text_ids, guidance: float | None, steps: int,
