@@ -64,7 +64,8 @@ def main() -> None:
     print(f"\nMNIST-5k, {rows[0]['num_samples']} samples (TRAIN's labels) against TEST; floor = FD(TRAIN, TEST) "
           f"at the same number of images;\ntok.ceil = FD(TRAIN's reconstructions, TEST): what a prior that "
           f"reproduced TRAIN's grids would score;\nNN ratio = samples' mean feature distance to their nearest TRAIN "
-          f"image / TEST's (1: as novel as new real images, well below 1: copies)\n" + header + "\n" + "-" * len(header))
+          f"image / TEST's (1: as novel as new real images, well below 1: copies)\n"
+          + header + "\n" + "-" * len(header))
     for r in rows:
         print(f"{r['name']:<32} {100 * r['class_accuracy']:5.1f}% {r['fd']:8.3f} {r['fd_floor_same_n']:7.3f} "
               f"{r['fd_over_floor']:8.2f} {r.get('fd_tokenizer_ceiling', float('nan')):8.3f} {r['kid']:8.4f} "

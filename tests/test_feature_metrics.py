@@ -96,7 +96,8 @@ def test_nearest_neighbour_ratio_tells_copies_from_new_draws():
     assert nearest_neighbour_ratio(train[:300], train, test) == pytest.approx(0.0, abs=1e-4)  # exact copies
     near_copies = nearest_neighbour_ratio(train[:300] + 0.05 * rng.normal(size=(300, 8)), train, test)
     assert 0.0 < near_copies < 0.3
-    assert nearest_neighbour_ratio(fresh, train, test, chunk=7) == pytest.approx(nearest_neighbour_ratio(fresh, train, test))
+    chunked = nearest_neighbour_ratio(fresh, train, test, chunk=7)
+    assert chunked == pytest.approx(nearest_neighbour_ratio(fresh, train, test))
     with pytest.raises(ValueError, match="feature sizes"):
         nearest_neighbour_ratio(fresh[:, :4], train, test)
 
