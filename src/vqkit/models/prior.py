@@ -417,7 +417,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
     def _embed_tokens(self, tokens: torch.Tensor, class_ids) -> torch.Tensor:
         """Input embeddings [B, T, d] of image tokens [B, T] (with the class added when class_at_every_token)."""
         x = self.token_emb(tokens)
-        if self.config.class_at_every_token and class_ids is not None:
+        if self.config.class_at_every_token:  # class_ids is never None then: no label means the null class
             x = x + self.class_emb(class_ids)[:, None]
         return x
 
