@@ -69,6 +69,7 @@ def test_options_rope_swiglu_rmsnorm_untied():
     ({"num_classes": 3}, [0, 1, 2, 0, 1]),
     ({"num_classes": 3, "class_at_every_token": True}, [0, 1, 2, 0, 1]),
     ({"text_vocab": "bytes", "max_text_len": 6, "positions": "rope"}, ["a", "b", "cc", "", "d"]),
+    ({"text_vocab": "bytes", "max_text_len": 6, "text_at_every_token": True}, ["a", "b", "cc", "", "d"]),
     ({}, None),
 ])
 def test_kv_cache_sampling_matches_full_forward(options, condition):
@@ -198,6 +199,32 @@ def test_class_at_every_token_conditions_every_position():
     assert changed_with_class[:, 1:].abs().max() > 1e-4 and same_without_class[:, 1:].abs().max() > 1e-4
     with pytest.raises(ValueError, match="class_at_every_token needs class conditioning"):
         TokenPrior(TokenPriorConfig(class_at_every_token=True))
+
+
+def test_text_at_every_token_conditions_every_position():
+    torch.manual_seed(0)
+    options = dict(text_vocab="bytes", max_text_len=8)
+    prefix_only, every = tiny("ar", **options), tiny("ar", text_at_every_token=True, **options)
+    every.load_state_dict(prefix_only.state_dict())  # same weights: the option adds no parameters
+    x, captions = grids(2), ["red", "blue"]  # short enough not to be cut at 8 tokens
+    changed = every.logits(x, captions) - prefix_only.logits(x, captions)
+    # the first position is predicted from the prefix alone; later ones see the caption summary as well
+    torch.testing.assert_close(changed[:, 0], torch.zeros_like(changed[:, 0]), rtol=0, atol=1e-6)
+    assert changed[:, 1:].abs().max() > 1e-4
+    # the summary ignores PAD: the same caption padded to another length gives the same logits
+    longer = tiny("ar", text_at_every_token=True, text_vocab="bytes", max_text_len=12)
+    longer.text_emb.load_state_dict(every.text_emb.state_dict())
+    ids8, ids12 = every._encode_condition(captions, 2)[1], longer._encode_condition(captions, 2)[1]
+    torch.testing.assert_close(every._caption_summary(ids8), longer._caption_summary(ids12), rtol=0, atol=1e-6)
+    # guidance: the empty caption is the null condition, batched with the given one as before
+    cond, uncond = every.logits(x, captions), every.logits(x, None)
+    torch.testing.assert_close(every.logits(x, captions, guidance_scale=2.0), uncond + 2 * (cond - uncond),
+                               rtol=1e-5, atol=1e-5)
+    samples, used = every.sample(2, captions, guidance_scale=2.0, seed=0, return_logits=True)
+    torch.testing.assert_close(used.reshape(2, 12, K), every.logits(samples, captions, guidance_scale=2.0),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="text_at_every_token needs caption conditioning"):
+        TokenPrior(TokenPriorConfig(text_at_every_token=True))
 
 
 def test_condition_dropout_maps_to_the_null_condition():

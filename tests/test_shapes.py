@@ -178,5 +178,8 @@ def test_caption_sample_evaluation_reads_the_requested_split():
 
     on_test = evaluate_caption_samples(generate, "shapes", num=40)
     assert on_test["split"] == "test" and on_test["num_samples"] == 40 and on_test["match_all"] == 1.0
+    ones, twos = on_test["captions_with_1_object"], on_test["captions_with_2_objects"]
+    assert ones + twos == 40 and min(ones, twos) > 0
+    assert on_test["match_all_with_1_object"] == on_test["match_all_with_2_objects"] == 1.0
     on_train = evaluate_caption_samples(generate, "shapes", num=40, split="train")
     assert on_train["split"] == "train" and on_train["match_all"] < 0.5
