@@ -135,13 +135,12 @@ def evaluate_caption_samples(generate: GenerateFn, dataset: str = "shapes", num:
     checks = [caption_match(images[i], source.attributes[i]) for i in range(len(captions))]
     share = {k: sum(c[k] for c in checks) / len(checks) for k in ("colour", "position", "shape", "all")}
     # the same check split by how many objects the caption names (two objects also test which colour goes where)
-    by_count: dict[str, list[bool]] = {}
-    for attributes, check in zip(source.attributes[:num], checks):
-        by_count.setdefault(str(len(attributes)), []).append(check["all"])
-    split_counts = {}
-    for k, v in sorted(by_count.items(), key=lambda kv: int(kv[0])):
-        objects = f"{k}_object" + ("" if k == "1" else "s")
-        split_counts[f"captions_with_{objects}"] = len(v)
-        split_counts[f"match_all_with_{objects}"] = sum(v) / len(v)
+    counts = [len(source.attributes[i]) for i in range(len(captions))]
+    by_objects = {}
+    for n in sorted(set(counts)):
+        hits = [check["all"] for check, m in zip(checks, counts) if m == n]
+        name = f"{n}_object" + ("s" if n > 1 else "")
+        by_objects[f"captions_with_{name}"] = len(hits)
+        by_objects[f"match_all_with_{name}"] = sum(hits) / len(hits)
     return {"dataset": dataset, "split": split, "num_samples": len(captions),
-            **{f"match_{k}": v for k, v in share.items()}, **split_counts}
+            **{f"match_{k}": v for k, v in share.items()}, **by_objects}

@@ -11,9 +11,9 @@ One decoder-style transformer serves two modes (``TokenPriorConfig.mode``):
 
 The prefix holds the condition: a class token (``num_classes``) and/or ``max_text_len`` caption tokens
 (``text_vocab``, see ``vqkit.models.text``), each with its own embedding table; ``class_at_every_token`` also adds the
-class embedding to every image token's input (``text_at_every_token``: the mean caption-token embedding). Training replaces the condition by
-the null class / the empty caption with probability ``cond_dropout``, so that one model also gives the unconditional
-logits that classifier-free guidance needs. Losses are on image tokens only.
+class embedding to every image token's input (``text_at_every_token``: the mean caption-token embedding). Training
+replaces the condition by the null class / the empty caption with probability ``cond_dropout``, so that one model
+also gives the unconditional logits that classifier-free guidance needs. Losses are on image tokens only.
 
 Token grids come in as int64 [B, h, w] (what ``VQModel.tokenize`` returns) or flattened [B, h*w] in raster order.
 """
@@ -419,15 +419,21 @@ class TokenPrior(PretrainedMixin, nn.Module):
             parts.append(self.token_emb(start))
         return torch.cat(parts, dim=1) if parts else self.token_emb.weight.new_zeros(batch, 0, self.config.d_model)
 
-    def _embed_tokens(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
-        """Input embeddings [B, T, d] of image tokens [B, T], with the class and/or the caption summary added when
-        class_at_every_token / text_at_every_token are set."""
+    def _condition_offset(self, class_ids, text_ids) -> torch.Tensor | None:
+        """[B, 1, d] added to every image token's input: the class embedding (class_at_every_token) and/or the caption
+        summary (text_at_every_token); None when neither is set. Computed once per batch, not per decoded token."""
+        c, offset = self.config, None
+        if c.class_at_every_token:  # class_ids is never None then: no label means the null class
+            offset = self.class_emb(class_ids)[:, None]
+        if c.text_at_every_token:  # text_ids likewise: no caption means the empty one
+            summary = self._caption_summary(text_ids)[:, None]
+            offset = summary if offset is None else offset + summary
+        return offset
+
+    def _embed_tokens(self, tokens: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings [B, T, d] of image tokens [B, T], plus the ``_condition_offset`` if there is one."""
         x = self.token_emb(tokens)
-        if self.config.class_at_every_token:  # class_ids is never None then: no label means the null class
-            x = x + self.class_emb(class_ids)[:, None]
-        if self.config.text_at_every_token:  # text_ids likewise: no caption means the empty one
-            x = x + self._caption_summary(text_ids)[:, None]
-        return x
+        return x if offset is None else x + offset
 
     def _caption_summary(self, text_ids: torch.Tensor) -> torch.Tensor:
         """[B, d]: the mean embedding of each caption's non-PAD tokens (BOS and EOS are always there)."""
@@ -459,10 +465,11 @@ class TokenPrior(PretrainedMixin, nn.Module):
         """
         prefix = self._prefix(class_ids, text_ids, len(tokens))
         p = prefix.shape[1]
+        offset = self._condition_offset(class_ids, text_ids)
         if self.config.mode == "ar":
-            hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens[:, :-1], class_ids, text_ids)], dim=1))
+            hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens[:, :-1], offset)], dim=1))
             return self._head(hidden[:, p - 1:])
-        hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens, class_ids, text_ids)], dim=1))
+        hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens, offset)], dim=1))
         return self._head(hidden[:, p:])
 
     def _guided_logits(self, tokens, class_ids, text_ids, guidance_scale: float | None) -> torch.Tensor:
@@ -605,6 +612,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
             class_ids, text_ids = self._with_null(class_ids, text_ids)
         prefix = self._prefix(class_ids, text_ids, batch * (2 if guidance is not None else 1))
         caches = [KVCache(c.prefix_len + c.seq_len) for _ in self.blocks]
+        offset = self._condition_offset(class_ids, text_ids)
         hidden = self._transformer(prefix, 0, caches)[:, -1]
         tokens = torch.empty(batch, c.seq_len, dtype=torch.long, device=self.device)
         used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device)
@@ -616,7 +624,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
             tokens[:, i] = sample_from_logits(logits, **draw)[0]
             if i + 1 < c.seq_len:
                 step_input = tokens[:, i].repeat(2 if guidance is not None else 1)
-                hidden = self._transformer(self._embed_tokens(step_input[:, None], class_ids, text_ids), c.prefix_len + i,
+                hidden = self._transformer(self._embed_tokens(step_input[:, None], offset), c.prefix_len + i,
                                            caches)[:, -1]
         return tokens, used
 
