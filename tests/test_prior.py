@@ -322,6 +322,29 @@ def test_tiny_prior_overfits_fixed_grids(mode):
     assert last < 0.5 * first, (first, last)
 
 
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_input_noise_corrupts_inputs_in_training_only(mode):
+    prior = tiny(mode, cond_dropout=0.0, input_noise=0.3)
+    x = grids(64, seed=2).flatten(1)
+    noisy = prior._noisy_inputs(x, torch.Generator().manual_seed(0))
+    changed = (noisy != x).float().mean().item()
+    # replaced with prob 0.3, and a replacement equals the old code with prob 1/K
+    assert 0.3 * (1 - 1 / K) - 0.05 < changed < 0.3 * (1 - 1 / K) + 0.05, changed
+    assert noisy.min() >= 0 and noisy.max() < K
+    clean = tiny(mode, cond_dropout=0.0)  # same seed, same weights, no noise
+    clean.load_state_dict(prior.state_dict())
+    # eval mode never corrupts: the same loss as the noiseless model; training mode does (the same generator draws
+    # the same mask before the noise, so only the noise can make the two losses differ)
+    assert torch.allclose(prior(x, generator=torch.Generator().manual_seed(1)).loss,
+                          clean(x, generator=torch.Generator().manual_seed(1)).loss)
+    train_loss = prior.train()(x, generator=torch.Generator().manual_seed(1)).loss
+    clean_out = clean.train()(x, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(train_loss, clean_out.loss)
+    assert clean_out.num_targets == prior(x, generator=torch.Generator().manual_seed(1)).num_targets
+    with pytest.raises(ValueError, match="input_noise"):
+        TokenPriorConfig(input_noise=1.0)
+
+
 # --------------------------------------------------------------------------------------------------------- text
 def test_byte_tokenizer():
     tok = make_text_tokenizer("bytes")

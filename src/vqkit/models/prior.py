@@ -64,6 +64,10 @@ class TokenPriorConfig:
     # image token's input. No new parameters; the empty caption gives the null summary, so guidance works as before.
     text_at_every_token: bool = False
     label_smoothing: float | None = None  # None: 0.1 in mask mode, 0.0 in ar mode
+    # Training only: each input image token is replaced by a uniformly random code with this probability (ar: the
+    # teacher-forced inputs; mask: the visible tokens), the targets stay the true tokens. A model that has seen wrong
+    # tokens in its context learns to recover from its own sampling mistakes instead of compounding them.
+    input_noise: float = 0.0
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
 
@@ -94,8 +98,8 @@ class TokenPriorConfig:
             problems.append(f"text_vocab must be one of {TEXT_VOCABS} or None, got {self.text_vocab!r}")
         if self.max_text_len < 2:
             problems.append(f"max_text_len must be >= 2 (BOS and EOS), got {self.max_text_len}")
-        if not 0 <= self.cond_dropout < 1 or not 0 <= self.label_smoothing < 1:
-            problems.append("cond_dropout and label_smoothing must be in [0, 1)")
+        if not 0 <= self.cond_dropout < 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.input_noise < 1:
+            problems.append("cond_dropout, label_smoothing and input_noise must be in [0, 1)")
         if problems:
             raise ValueError("invalid TokenPriorConfig: " + "; ".join(problems))
 
@@ -507,21 +511,26 @@ class TokenPrior(PretrainedMixin, nn.Module):
         """Training objective. ar: next-token cross-entropy on every image token. mask: cross-entropy on a random
         cosine-scheduled share of masked tokens (``draw_mask``), the others visible. In training mode the condition
         is dropped to the null one with probability ``cond_dropout``. Randomness comes from ``generator`` if
-        given (condition dropout first, then the mask)."""
+        given (condition dropout first, then the mask, then the input noise)."""
         tokens = self._check_tokens(indices)
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         if self.training and self.config.cond_dropout > 0 and (class_ids is not None or text_ids is not None):
             class_ids, text_ids = self._drop_condition(class_ids, text_ids, generator)
-        if self.config.mode == "ar":
-            scored = torch.ones_like(tokens, dtype=torch.bool)
-            logits = self._image_logits(tokens, class_ids, text_ids)
-        else:
-            scored = self.draw_mask(len(tokens), generator)
-            logits = self._image_logits(tokens.masked_fill(scored, self.mask_id), class_ids, text_ids)
+        ar = self.config.mode == "ar"
+        scored = torch.ones_like(tokens, dtype=torch.bool) if ar else self.draw_mask(len(tokens), generator)
+        inputs = self._noisy_inputs(tokens, generator) if self.training and self.config.input_noise > 0 else tokens
+        logits = self._image_logits(inputs if ar else inputs.masked_fill(scored, self.mask_id), class_ids, text_ids)
         logits, targets = logits[scored], tokens[scored]
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing)
         accuracy = (logits.argmax(-1) == targets).float().mean()
         return PriorOutput(loss, accuracy.detach(), int(targets.numel()))
+
+    def _noisy_inputs(self, tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``tokens`` with a share ``input_noise`` of them (chosen at random) replaced by uniformly random codes."""
+        K = self.config.codebook_size
+        replace = uniform(tokens.shape, generator, self.device) < self.config.input_noise
+        random_codes = (uniform(tokens.shape, generator, self.device) * K).long().clamp_(max=K - 1)
+        return torch.where(replace, random_codes, tokens)
 
     @torch.no_grad()
     def log_prob(self, indices: torch.Tensor, condition=None, *, batch_size: int = 256) -> torch.Tensor:
