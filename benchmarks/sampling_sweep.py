@@ -7,6 +7,7 @@ its samples for 500 TRAIN captions match them, and TEST's 500 captions are print
 
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.0 1.0:20:1.5
+    python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.5:0.9
     python benchmarks/sampling_sweep.py --prior runs/shapes-words --data shapes --settings 1.0:20:2.0 1.0:20:3.0
 """
 
@@ -24,9 +25,13 @@ DEFAULT_SETTINGS = ["1.0:20:1.5", "1.0:none:1.0", "1.0:none:1.5", "1.0:20:1.0", 
 
 
 def parse_setting(text: str) -> dict:
-    temperature, top_k, scale = text.split(":")
+    """temperature:top_k:guidance_scale[:top_p], "none" for no top-k / top-p (top-p defaults to none)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"setting {text!r}: expected temperature:top_k:guidance_scale[:top_p]")
+    temperature, top_k, scale, top_p = (parts + ["none"])[:4]
     return {"temperature": float(temperature), "top_k": None if top_k == "none" else int(top_k),
-            "guidance_scale": float(scale)}
+            "guidance_scale": float(scale), "top_p": None if top_p == "none" else float(top_p)}
 
 
 def caption_sweep(args, generator_for) -> None:
@@ -89,7 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prior", required=True)
     ap.add_argument("--data", default="mnist5k")
-    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="temperature:top_k|none:guidance_scale")
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
+                    help="temperature:top_k|none:guidance_scale[:top_p|none]")
     ap.add_argument("--steps", type=int, default=None, help="mask mode: parallel decoding steps (default: the prior's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="results file name (default: sampling_sweep_<prior folder>)")
