@@ -49,10 +49,9 @@ def main() -> None:
         prior, _, sampling = load_generator(path)
         kwargs = sampling_kwargs(sampling, prior)
         for precision in ("fp32", "bf16"):
-            model = copy.deepcopy(prior).to(device)
-            if precision == "bf16":
-                model = model.to(torch.bfloat16)
-            labels = torch.arange(64) % (prior.config.num_classes or 1) if prior.config.num_classes else None
+            # a bf16 copy, so that the fp32 prior stays as loaded
+            model = copy.deepcopy(prior).to(device, torch.bfloat16) if precision == "bf16" else prior.to(device)
+            labels = torch.arange(64) % prior.config.num_classes if prior.config.num_classes else None
             row = {"prior": name, "path": str(path), "precision": precision, "mode": prior.config.mode,
                    "steps": kwargs.get("steps") if prior.config.mode == "mask" else prior.config.seq_len,
                    "guidance_scale": kwargs.get("guidance_scale")}
@@ -66,9 +65,8 @@ def main() -> None:
                 # one forward over a full grid at batch 2 (the conditional and unconditional halves of guidance)
                 tokens = torch.full((2, prior.config.seq_len), model.mask_id, device=device)
                 cls = None if labels is None else torch.tensor([0, prior.config.num_classes], device=device)
-                with torch.no_grad():
-                    row["forward_batch2_ms"] = median_ms(lambda r: model._image_logits(tokens, cls, None),
-                                                         3 * args.repeats, device)
+                row["forward_batch2_ms"] = median_ms(lambda r: model._image_logits(tokens, cls, None),
+                                                     3 * args.repeats, device)
             rows.append(row)
             print(f"{name:<22} {precision:<5} batch 1: {row['batch1_ms']:7.1f} ms   batch 64: "
                   f"{row['batch64_ms_per_image']:6.2f} ms/image"
