@@ -8,6 +8,7 @@ its samples for 500 TRAIN captions match them, and TEST's 500 captions are print
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.0 1.0:20:1.5
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.5:0.9
+    python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-mask --settings 1.0:20:2.5:none:linear
     python benchmarks/sampling_sweep.py --prior runs/shapes-words --data shapes --settings 1.0:20:2.0 1.0:20:3.0
 """
 
@@ -25,13 +26,15 @@ DEFAULT_SETTINGS = ["1.0:20:1.5", "1.0:none:1.0", "1.0:none:1.5", "1.0:20:1.0", 
 
 
 def parse_setting(text: str) -> dict:
-    """temperature:top_k:guidance_scale[:top_p], "none" for no top-k / top-p (top-p defaults to none)."""
+    """temperature:top_k:guidance_scale[:top_p[:guidance_schedule]], "none" for no top-k / top-p (top-p defaults to
+    none, the schedule to constant)."""
     parts = text.split(":")
-    if len(parts) not in (3, 4):
-        raise SystemExit(f"setting {text!r}: expected temperature:top_k:guidance_scale[:top_p]")
-    temperature, top_k, scale, top_p = (parts + ["none"])[:4]
+    if len(parts) not in (3, 4, 5):
+        raise SystemExit(f"setting {text!r}: expected temperature:top_k:guidance_scale[:top_p[:guidance_schedule]]")
+    temperature, top_k, scale, top_p, schedule = (parts + ["none", "constant"][len(parts) - 3:])[:5]
     return {"temperature": float(temperature), "top_k": None if top_k == "none" else int(top_k),
-            "guidance_scale": float(scale), "top_p": None if top_p == "none" else float(top_p)}
+            "guidance_scale": float(scale), "top_p": None if top_p == "none" else float(top_p),
+            "guidance_schedule": schedule}
 
 
 def caption_sweep(args, generator_for) -> None:
@@ -95,8 +98,9 @@ def main() -> None:
     ap.add_argument("--prior", required=True)
     ap.add_argument("--data", default="mnist5k")
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
-                    help="temperature:top_k|none:guidance_scale[:top_p|none]")
+                    help="temperature:top_k|none:guidance_scale[:top_p|none[:constant|linear]]")
     ap.add_argument("--steps", type=int, default=None, help="mask mode: parallel decoding steps (default: the prior's)")
+    ap.add_argument("--revisit", action="store_true", help="mask mode: every setting also with revisit decoding")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="results file name (default: sampling_sweep_<prior folder>)")
     args = ap.parse_args()
@@ -108,9 +112,13 @@ def main() -> None:
 
     def generator_for(text: str):
         """The prior's saved sampling settings with this setting (and --steps) applied."""
-        setting = {**sampling, **parse_setting(text), **({"steps": args.steps} if args.steps else {})}
+        revisit = text.endswith("+revisit")
+        setting = {**sampling, **parse_setting(text.removesuffix("+revisit")),
+                   **({"steps": args.steps} if args.steps else {}), **({"revisit": True} if revisit else {})}
         return prior_generator(prior, tokenizer, setting), setting
 
+    if args.revisit:
+        args.settings = [v for text in args.settings for v in (text, text + "+revisit")]
     (caption_sweep if prior.config.text_vocab else class_sweep)(args, generator_for)
 
 

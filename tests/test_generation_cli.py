@@ -45,6 +45,10 @@ def test_train_prior_then_sample(tokenizer_dir, tmp_path, mode):
     files = sorted(p.name for p in (tmp_path / "many").iterdir())
     assert files == ["grid.png", "sample_00000.png", "sample_00001.png", "sample_00002.png"]
     assert Image.open(tmp_path / "many" / "sample_00000.png").size == (28, 28)
+    # the decoding options reach the sampler (revisit is for masked priors; an AR prior ignores it)
+    assert main(["sample", "--prior", str(prior), "--class", "3", "--n", "2", "--guidance", "2",
+                 "--guidance-schedule", "linear", "--revisit", "--out", str(tmp_path / "options.png")]) == 0
+    assert (tmp_path / "options.png").is_file()
 
 
 def test_samples_are_seeded(tokenizer_dir, tmp_path):

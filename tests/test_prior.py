@@ -186,6 +186,42 @@ def test_classifier_free_guidance(mode, every_token):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+def test_linear_guidance_schedule_ramps_the_scale(mode):
+    prior = tiny(mode, num_classes=3, class_at_every_token=True)
+    labels, L, s = [0, 1, 2], 12, 3.0
+    samples, used = prior.sample(3, labels, guidance_scale=s, guidance_schedule="linear", seed=0, steps=4,
+                                 return_logits=True)
+    used = used.reshape(3, L, K)
+    if mode == "ar":  # token i is drawn with scale 1 + (s - 1) (i + 1) / L: its logits match that guided forward
+        for i in (0, 5, L - 1):
+            scale = 1 + (s - 1) * (i + 1) / L
+            expected = prior.logits(samples, labels, guidance_scale=scale)[:, i]
+            torch.testing.assert_close(used[:, i], expected, rtol=0, atol=1e-5)
+    else:  # the first of 4 steps decodes from the all-[MASK] grid at scale 1 + (s - 1) / 4
+        everything_masked = torch.full((3, L), K)
+        first = prior.logits(everything_masked, labels, guidance_scale=1 + (s - 1) / 4)
+        constant = prior.logits(everything_masked, labels, guidance_scale=s)
+        first_step = (used == first).all(-1)
+        assert first_step.any() and not (used == constant).all(-1).any()
+    _, constant_used = prior.sample(3, labels, guidance_scale=s, seed=0, steps=4, return_logits=True)
+    assert (constant_used.reshape(3, L, K) - used).abs().max() > 1e-4  # the schedule changes the logits drawn from
+    with pytest.raises(ValueError, match="guidance_schedule must be one of"):
+        prior.sample(3, labels, guidance_scale=s, guidance_schedule="cosine")
+
+
+def test_revisit_decoding_can_remask_decoded_tokens():
+    prior = tiny("mask", num_classes=3, input_noise=0.2)
+    labels = [0, 1, 2] * 4
+    kept, revisited = (prior.sample(12, labels, seed=3, steps=6, revisit=r, return_logits=True) for r in (False, True))
+    for grids_, used in (kept, revisited):  # every token is decoded, and from the logits recorded for it
+        assert grids_.min() >= 0 and grids_.max() < K and (used.abs().sum(-1) > 0).all()
+    # the same seed draws the same first step either way; revisiting lets later steps take decoded tokens back
+    assert not torch.equal(kept[0], revisited[0])
+    again = prior.sample(12, labels, seed=3, steps=6, revisit=True)
+    assert torch.equal(again, revisited[0])
+
+
 def test_class_at_every_token_conditions_every_position():
     torch.manual_seed(0)
     prefix_only, every = tiny("ar", num_classes=3), tiny("ar", num_classes=3, class_at_every_token=True)
@@ -326,7 +362,8 @@ def test_tiny_prior_overfits_fixed_grids(mode):
 def test_input_noise_corrupts_inputs_in_training_only(mode):
     prior = tiny(mode, cond_dropout=0.0, input_noise=0.3)
     x = grids(64, seed=2).flatten(1)
-    noisy = prior._noisy_inputs(x, torch.Generator().manual_seed(0))
+    noisy, replaced = prior._noisy_inputs(x, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[~replaced], x[~replaced])
     changed = (noisy != x).float().mean().item()
     # replaced with prob 0.3, and a replacement equals the old code with prob 1/K
     assert 0.3 * (1 - 1 / K) - 0.05 < changed < 0.3 * (1 - 1 / K) + 0.05, changed
@@ -340,7 +377,11 @@ def test_input_noise_corrupts_inputs_in_training_only(mode):
     train_loss = prior.train()(x, generator=torch.Generator().manual_seed(1)).loss
     clean_out = clean.train()(x, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(train_loss, clean_out.loss)
-    assert clean_out.num_targets == prior(x, generator=torch.Generator().manual_seed(1)).num_targets
+    noisy_out = prior(x, generator=torch.Generator().manual_seed(1))  # training mode, the same mask
+    if mode == "mask":  # the replaced visible tokens are scored as well as the masked ones
+        assert noisy_out.num_targets > clean_out.num_targets
+    else:
+        assert noisy_out.num_targets == clean_out.num_targets == 64 * 12
     with pytest.raises(ValueError, match="input_noise"):
         TokenPriorConfig(input_noise=1.0)
 

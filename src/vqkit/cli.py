@@ -89,7 +89,8 @@ def cmd_sample(args) -> int:
     if args.text is not None:
         condition = {**(condition or {}), "captions": args.text}
     kwargs = sampling_kwargs(defaults, prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             guidance_scale=args.guidance, steps=args.steps)
+                             guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule, steps=args.steps,
+                             revisit=args.revisit)
     grids = prior.sample(args.n, condition, seed=args.seed, batch_size=args.batch_size, **kwargs)
     images = decode_samples(tokenizer, grids)
     out = Path(args.out)
@@ -132,8 +133,9 @@ def cmd_eval_samples(args) -> int:
         from .apps.generate import load_generator
 
         prior, tokenizer, sampling = load_generator(args.prior)
-        overrides = {k: v for k, v in dict(guidance_scale=args.guidance, temperature=args.temperature,
-                                           top_k=args.top_k, steps=args.steps).items() if v is not None}
+        overrides = {k: v for k, v in dict(guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
+                                           temperature=args.temperature, top_k=args.top_k, steps=args.steps,
+                                           revisit=args.revisit).items() if v is not None}
         generate = prior_generator(prior, tokenizer, {**sampling, **overrides})
         text = prior.config.text_vocab is not None
     else:
@@ -449,7 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--top-k", type=int, dest="top_k")
     sm.add_argument("--top-p", type=float, dest="top_p")
     sm.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: off)")
+    sm.add_argument("--guidance-schedule", choices=["constant", "linear"], dest="guidance_schedule",
+                    help="linear: ramp the guidance scale up from 1 over the decoding")
     sm.add_argument("--steps", type=int, help="parallel decoding steps (masked priors)")
+    sm.add_argument("--revisit", action="store_true", default=None,
+                    help="masked priors: let decoded tokens be re-masked (for priors trained with input_noise)")
     sm.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     sm.add_argument("--nrow", type=int, default=0, help="images per grid row")
     sm.set_defaults(func=cmd_sample)
@@ -506,9 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--n", type=int, default=500, help="captions to sample (text-conditional)")
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--guidance", type=float, help="classifier-free guidance scale (prior)")
+    es.add_argument("--guidance-schedule", choices=["constant", "linear"], dest="guidance_schedule",
+                    help="linear: ramp the guidance scale up from 1 over the decoding (prior)")
     es.add_argument("--temperature", type=float)
     es.add_argument("--top-k", type=int, dest="top_k")
     es.add_argument("--steps", type=int, help="parallel decoding steps (masked prior)")
+    es.add_argument("--revisit", action="store_true", default=None,
+                    help="masked prior: let decoded tokens be re-masked (for priors trained with input_noise)")
     es.add_argument("--no-timing", action="store_true", dest="no_timing", help="skip the latency measurements")
     es.add_argument("--json", help="also write the results to this JSON file")
     es.set_defaults(func=cmd_eval_samples)

@@ -65,8 +65,9 @@ class TokenPriorConfig:
     text_at_every_token: bool = False
     label_smoothing: float | None = None  # None: 0.1 in mask mode, 0.0 in ar mode
     # Training only: each input image token is replaced by a uniformly random code with this probability (ar: the
-    # teacher-forced inputs; mask: the visible tokens), the targets stay the true tokens. A model that has seen wrong
-    # tokens in its context learns to recover from its own sampling mistakes instead of compounding them.
+    # teacher-forced inputs; mask: the visible tokens, which are then scored as well), the targets stay the true
+    # tokens. A model that has seen wrong tokens in its context learns to recover from its own sampling mistakes
+    # instead of compounding them; a mask-mode model also learns to judge visible tokens (``revisit`` sampling).
     input_noise: float = 0.0
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
@@ -264,6 +265,16 @@ def combine_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance over a batch stacked as [conditional; unconditional]."""
     cond, uncond = logits.chunk(2)
     return uncond + scale * (cond - uncond)
+
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def scheduled_guidance(scale: float, schedule: str, progress: float) -> float:
+    """The guidance scale to use once a share ``progress`` in (0, 1] of the decoding is done. linear ramps it from
+    1 (no guidance) up to ``scale`` at the end, so the first tokens, which fix the layout, are drawn with the
+    model's own diversity and the later ones are pushed towards the class (MUSE's and VAR's linear schedule)."""
+    return scale if schedule == "constant" else 1.0 + (scale - 1.0) * progress
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -517,20 +528,26 @@ class TokenPrior(PretrainedMixin, nn.Module):
         if self.training and self.config.cond_dropout > 0 and (class_ids is not None or text_ids is not None):
             class_ids, text_ids = self._drop_condition(class_ids, text_ids, generator)
         ar = self.config.mode == "ar"
-        scored = torch.ones_like(tokens, dtype=torch.bool) if ar else self.draw_mask(len(tokens), generator)
-        inputs = self._noisy_inputs(tokens, generator) if self.training and self.config.input_noise > 0 else tokens
-        logits = self._image_logits(inputs if ar else inputs.masked_fill(scored, self.mask_id), class_ids, text_ids)
+        masked = None if ar else self.draw_mask(len(tokens), generator)
+        scored = torch.ones_like(tokens, dtype=torch.bool) if ar else masked
+        inputs = tokens
+        if self.training and self.config.input_noise > 0:
+            inputs, replaced = self._noisy_inputs(tokens, generator)
+            if not ar:  # the replaced visible tokens are scored too (as in BERT), so that the model learns to spot
+                scored = masked | replaced  # a wrong visible token and what it should be (``revisit`` decoding)
+        logits = self._image_logits(inputs if ar else inputs.masked_fill(masked, self.mask_id), class_ids, text_ids)
         logits, targets = logits[scored], tokens[scored]
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing)
         accuracy = (logits.argmax(-1) == targets).float().mean()
         return PriorOutput(loss, accuracy.detach(), int(targets.numel()))
 
-    def _noisy_inputs(self, tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """``tokens`` with a share ``input_noise`` of them (chosen at random) replaced by uniformly random codes."""
+    def _noisy_inputs(self, tokens: torch.Tensor, generator: torch.Generator | None):
+        """(``tokens`` with a share ``input_noise`` of them, chosen at random, replaced by uniformly random codes,
+        bool [B, L] of the positions chosen)."""
         K = self.config.codebook_size
         replace = uniform(tokens.shape, generator, self.device) < self.config.input_noise
         random_codes = (uniform(tokens.shape, generator, self.device) * K).long().clamp_(max=K - 1)
-        return torch.where(replace, random_codes, tokens)
+        return torch.where(replace, random_codes, tokens), replace
 
     @torch.no_grad()
     def log_prob(self, indices: torch.Tensor, condition=None, *, batch_size: int = 256) -> torch.Tensor:
@@ -570,15 +587,18 @@ class TokenPrior(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def sample(self, n: int, condition=None, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, guidance_scale: float = 1.0, steps: int = 8,
-               remask_temperature: float = 4.5, seed: int | None = None, batch_size: int = 64,
+               remask_temperature: float = 4.5, revisit: bool = False, guidance_schedule: str = "constant",
+               seed: int | None = None, batch_size: int = 64,
                grid: tuple[int, int] | None = None, return_logits: bool = False):
         """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
 
         ``condition``: as in ``forward``, one for all samples (an int or a str) or one per sample. ``guidance_scale``
         s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), conditional and unconditional halves
-        run as one batch (s = 1 is the plain conditional model). ``temperature``, ``top_k``, ``top_p`` shape the
-        distribution each token is drawn from. Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay
-        is decided by their log-probability plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``.
+        run as one batch (s = 1 is the plain conditional model); ``guidance_schedule`` "linear" ramps the scale from
+        1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
+        ``top_k``, ``top_p`` shape the distribution each token is drawn from. Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay
+        is decided by their log-probability plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``;
+        ``revisit`` lets tokens decoded earlier be re-masked too (see ``_sample_mask``).
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
         torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
         also return the (guided) logits [n, h, w, K] that each token was drawn from.
@@ -594,19 +614,23 @@ class TokenPrior(PretrainedMixin, nn.Module):
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         guidance = None if guidance_scale == 1.0 else float(guidance_scale)
         self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        scale_at = None if guidance is None else (lambda done: scheduled_guidance(guidance, guidance_schedule, done))
         samples, logits = [], []
         with self._eval_mode():
             for batch in torch.arange(n, device=self.device).split(batch_size):
                 cond = (None if class_ids is None else class_ids[batch], None if text_ids is None else text_ids[batch])
                 if c.mode == "ar":
-                    tokens, used = self._sample_ar(len(batch), *cond, guidance, draw)
+                    tokens, used = self._sample_ar(len(batch), *cond, scale_at, draw)
                 else:
-                    tokens, used = self._sample_mask(len(batch), *cond, guidance, steps, remask_temperature, draw)
+                    tokens, used = self._sample_mask(len(batch), *cond, scale_at, steps,
+                                                     remask_temperature, revisit, draw)
                 samples.append(tokens)
                 logits.append(used)
         samples = torch.cat(samples).reshape(n, *c.token_grid)
@@ -614,8 +638,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
             return samples, torch.cat(logits).reshape(n, *c.token_grid, c.codebook_size)
         return samples
 
-    def _sample_ar(self, batch: int, class_ids, text_ids, guidance: float | None, draw: dict):
-        """Raster-order decoding, one token per forward pass over cached keys/values."""
+    def _sample_ar(self, batch: int, class_ids, text_ids, guidance, draw: dict):
+        """Raster-order decoding, one token per forward pass over cached keys/values. ``guidance``: None, or the
+        guidance scale as a function of the share of decoding done."""
         c = self.config
         if guidance is not None:
             class_ids, text_ids = self._with_null(class_ids, text_ids)
@@ -628,7 +653,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         for i in range(c.seq_len):
             logits = self._head(hidden).float()
             if guidance is not None:
-                logits = combine_guidance(logits, guidance)
+                logits = combine_guidance(logits, guidance((i + 1) / c.seq_len))
             used[:, i] = logits
             tokens[:, i] = sample_from_logits(logits, **draw)[0]
             if i + 1 < c.seq_len:
@@ -637,13 +662,15 @@ class TokenPrior(PretrainedMixin, nn.Module):
                                            caches)[:, -1]
         return tokens, used
 
-    def _sample_mask(self, batch: int, class_ids, text_ids, guidance: float | None, steps: int,
-                     remask_temperature: float, draw: dict):
+    def _sample_mask(self, batch: int, class_ids, text_ids, guidance, steps: int,
+                     remask_temperature: float, revisit: bool, draw: dict):
         """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the
         rest; a cosine schedule sets how many stay masked after step t (none after the last). Kept tokens are never
-        revisited."""
+        revisited, unless ``revisit``: then the tokens decoded in earlier steps are ranked with the new ones by their
+        log-probability under this step's logits, so a token that no longer fits what was decoded around it can be
+        re-masked and drawn again (for a prior trained with ``input_noise``, which learns to judge visible tokens)."""
         c = self.config
-        L = c.seq_len
+        L, K = c.seq_len, c.codebook_size
         tokens = torch.full((batch, L), self.mask_id, dtype=torch.long, device=self.device)
         used = torch.zeros(batch, L, c.codebook_size, device=self.device)
         for step in range(steps):
@@ -651,14 +678,20 @@ class TokenPrior(PretrainedMixin, nn.Module):
             num_masked = int(masked[0].sum())  # the same for every grid: they follow one schedule
             if num_masked == 0:  # more steps than tokens
                 break
-            logits = self._guided_logits(tokens, class_ids, text_ids, guidance).float()
-            drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
             progress = (step + 1) / steps
+            scale = None if guidance is None else guidance(progress)
+            logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
+            drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
             # At least one new token per step, so that decoding always finishes within `steps`.
             stay_masked = min(math.floor(L * math.cos(math.pi / 2 * progress)), num_masked - 1)
             gumbel = -torch.log(-torch.log(uniform((batch, L), draw["generator"], self.device).clamp_(min=1e-20)))
-            confidence = drawn_log_prob.reshape(batch, L) + remask_temperature * (1 - progress) * gumbel
-            confidence = confidence.masked_fill(~masked, float("inf"))  # decoded tokens are never re-masked
+            log_prob = drawn_log_prob.reshape(batch, L)
+            if revisit:  # decoded tokens compete with the new ones, judged by the model given everything else
+                current = (logits / draw["temperature"]).log_softmax(-1).gather(-1, tokens.clamp(max=K - 1)[..., None])
+                log_prob = torch.where(masked, log_prob, current.squeeze(-1))
+            confidence = log_prob + remask_temperature * (1 - progress) * gumbel
+            if not revisit:
+                confidence = confidence.masked_fill(~masked, float("inf"))  # decoded tokens are never re-masked
             tokens = torch.where(masked, drawn.reshape(batch, L), tokens)
             if stay_masked > 0:
                 tokens.scatter_(1, confidence.topk(stay_masked, dim=1, largest=False).indices, self.mask_id)

@@ -106,7 +106,9 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     guidance_scale: float = 1.0
+    guidance_schedule: str = "constant"  # constant | linear (from 1 at the first token or step up to guidance_scale)
     steps: int = 8  # mask mode: parallel decoding steps
+    revisit: bool = False  # mask mode: tokens decoded earlier may be re-masked (priors trained with input_noise)
 
 
 @dataclass
