@@ -187,3 +187,69 @@ def test_prior_trains_on_shifted_copies(tokenizer_dir, tmp_path):
     assert json.loads((shifted / "train_config.json").read_text())["shift_radius"] == 1
     assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
                  str(tmp_path / "bad"), "--steps", "2", *TINY_PRIOR, "shift_radius=-1"]) == 2
+
+
+def test_prior_distills_from_a_teacher(tokenizer_dir, tmp_path):
+    """distill_from + distill_samples: TRAIN's grids plus the teacher's own samples (its saved sampling settings,
+    TRAIN's labels in turn, seeded), cached so that a resumed run trains on the same data; mismatches are refused."""
+    from safetensors.torch import load_file
+
+    from vqkit.apps.generate import load_generator, sampling_kwargs
+
+    teacher = tmp_path / "teacher"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(teacher),
+                 "--mode", "ar", "--steps", "3", *TINY_PRIOR, "sampling.top_k=5"]) == 0
+    distill = [f"distill_from={teacher}", "distill_samples=40"]
+    common = ["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--mode", "mask",
+              "--steps", "6", *TINY_PRIOR, *distill]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*common, "--out", str(straight)]) == 0
+    grids = load_file(str(straight / "tokens" / "distill.safetensors"))["tokens"]
+    real = load_file(str(straight / "tokens" / "train.safetensors"))["tokens"]
+    assert grids.shape == (40, *real.shape[1:])
+    # they are the teacher's samples for TRAIN's first 40 labels, drawn with its saved settings and the run's seed
+    prior, _, sampling = load_generator(teacher, device="cpu")
+    from vqkit.data.sources import load_source
+
+    labels = torch.as_tensor(load_source("mnist5k", split="train").labels[:40])
+    expected = prior.sample(40, {"labels": labels}, seed=0, batch_size=256, **sampling_kwargs(sampling, prior))
+    assert torch.equal(grids, expected)
+    assert not any(torch.equal(g, r) for g in grids[:5] for r in real)  # not copies of TRAIN's grids
+    # resume trains on the same data: the same weights as the straight run
+    assert main([*common, "--out", str(resumed), "--stop-at", "3"]) == 0
+    assert main(["train", "prior", "--out", str(resumed), "--resume"]) == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # --teacher is distill_from
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "flag"), "--stop-at", "0", "--teacher", str(teacher), *TINY_PRIOR,
+                 "distill_samples=8"]) == 0
+    assert len(load_file(str(tmp_path / "flag" / "tokens" / "distill.safetensors"))["tokens"]) == 8
+    assert json.loads((tmp_path / "flag" / "train_config.json").read_text())["distill_from"] == str(teacher)
+    # refused: a count without a teacher, a teacher that conditions differently, a teacher of another tokenizer
+    def bad(out, *extra, tokenizer=tokenizer_dir):
+        return ["train", "prior", "--tokenizer", str(tokenizer), "--data", "mnist5k", "--out", str(tmp_path / out),
+                "--steps", "2", *TINY_PRIOR, *extra]
+
+    assert main(bad("b1", "distill_samples=8")) == 2
+    assert main(bad("uncond", "conditioning=none")) == 0
+    assert main(bad("b2", f"distill_from={tmp_path / 'uncond'}", "distill_samples=8")) == 2
+    other_tok = tmp_path / "other_tok"
+    assert main(["train", "tokenizer", "--data", "mnist5k", "--out", str(other_tok), *TINY_TOKENIZER]) == 0
+    assert main(bad("b3", *distill, tokenizer=other_tok)) == 2
+    assert main(bad("b4", f"distill_from={tmp_path / 'nothing'}", "distill_samples=8")) == 2
+
+
+def test_distill_samples_default_to_ten_times_train(tokenizer_dir, tmp_path, monkeypatch):
+    import vqkit.apps.generate as generate
+
+    asked = []
+
+    def record(train, teacher_dir, tokenizer, n, *args, **kwargs):
+        asked.append(n)
+        return train
+
+    monkeypatch.setattr(generate, "with_teacher_samples", record)
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "p"), "--stop-at", "0", "--teacher", str(tmp_path / "any"), *TINY_PRIOR]) == 0
+    assert asked and set(asked) == {40000}  # TRAIN has 4000 grids

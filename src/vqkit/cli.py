@@ -60,7 +60,7 @@ def cmd_train_prior(args) -> int:
 
     out = Path(args.out)
     if args.resume:
-        if args.overrides or args.preset or args.config or args.data or args.tokenizer or args.mode:
+        if args.overrides or args.preset or args.config or args.data or args.tokenizer or args.mode or args.teacher:
             return _error("--resume continues the saved run config; only --steps may change it")
         extra = {"steps": args.steps} if args.steps is not None else {}
         result = train_prior(None, None, out, resume=True, stop_at=args.stop_at, resume_overrides=extra)
@@ -68,6 +68,7 @@ def cmd_train_prior(args) -> int:
         if not args.tokenizer or not args.data:
             return _error("give --tokenizer DIR (a trained tokenizer) and --data SOURCE")
         overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
+        overrides += [f"distill_from={args.teacher}"] if args.teacher else []
         cfg = resolve_config(args.data, args.preset, args.config, overrides, kind="prior", mode=args.mode)
         result = train_prior(cfg, args.tokenizer, out, stop_at=args.stop_at)
     if result is None:
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "'vqkit sample --prior DIR' needs nothing else.",
                          epilog="examples:\n  vqkit train prior --tokenizer runs/mnist --data mnist5k --out runs/prior\n"
                          "  vqkit train prior --tokenizer runs/mnist --data mnist5k --out runs/prior-mask --mode mask\n"
+                         "  vqkit train prior --tokenizer runs/mnist --data mnist5k --out runs/prior-mask --mode mask "
+                         "--teacher runs/prior  # distilled\n"
                          "  vqkit train prior --tokenizer runs/shapes-tok --data shapes --out runs/shapes-prior  # text")
     tp.add_argument("--tokenizer", help="trained tokenizer directory")
     tp.add_argument("--data", help="data source (as for the tokenizer)")
@@ -429,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--preset", help="named preset (default: <data>-prior-<mode> if it exists, else prior-<mode>)")
     tp.add_argument("--config", help="YAML config file (applied after the preset)")
     tp.add_argument("--steps", type=int, help="number of training steps")
+    tp.add_argument("--teacher", help="a trained prior over the same tokenizer: also train on its samples "
+                    "(distill_from=DIR; distill_samples=N grids, default ten times TRAIN's)")
     tp.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tp.add_argument("--stop-at", type=int, dest="stop_at", help="stop (with a checkpoint) at this step")
     tp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prior.n_layers=8")

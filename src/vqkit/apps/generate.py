@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.sources import ImageSource
-from ..io import VQKitFileError, atomic_save_safetensors, read_json, read_safetensors
+from ..io import VQKitFileError, atomic_save_safetensors, read_json, read_safetensors, read_safetensors_metadata
 from ..models.prior import TokenPrior
 from ..models.tokenizer import VQModel
 
@@ -128,6 +128,57 @@ def token_set(tokenizer: VQModel, source: ImageSource, conditioning: str, cache:
         labels = None if labels is None else torch.as_tensor(labels).repeat(copies)
         captions = None if captions is None else captions * copies
     return TokenSet(tokens, labels, captions, source.name, source.split, conditioning)
+
+
+def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir: str | Path, n: int,
+                         cache: Path | None = None, seed: int = 0, progress: bool = True,
+                         batch_size: int = 256, device: str | torch.device = "cpu") -> TokenSet:
+    """``train`` plus ``n`` grids sampled from the prior in ``teacher_dir`` (sequence-level distillation).
+
+    The teacher must belong to the same tokenizer and condition the same way; it is sampled with its saved settings,
+    the i-th grid with TRAIN's (i mod N)-th label or caption, so the synthetic set keeps TRAIN's class balance. The
+    grids are cached at ``cache`` (with the teacher and n they were drawn for), so a resumed run trains on the same
+    data.
+    """
+    from ..training.config import ConfigError
+
+    teacher_dir = Path(teacher_dir)
+    if not (teacher_dir / "config.json").is_file():
+        raise ConfigError(f"distill_from: {teacher_dir} holds no trained prior (no config.json)")
+    teacher = TokenPrior.from_pretrained(teacher_dir, device=device)
+    tc = teacher.config
+    if resolve_tokenizer_path(teacher_dir, tc.tokenizer).resolve() != Path(tokenizer_dir).resolve():
+        raise ConfigError(f"distill_from: the prior in {teacher_dir} belongs to another tokenizer "
+                          f"({tc.tokenizer}), not {tokenizer_dir}")
+    wanted = {"class": "class labels", "text": "captions", "none": "no condition"}[train.conditioning]
+    has = "class labels" if tc.num_classes else "captions" if tc.text_vocab else "no condition"
+    if has != wanted or (tc.num_classes and int(train.labels.max()) >= tc.num_classes):
+        raise ConfigError(f"distill_from: the prior in {teacher_dir} is conditioned on {has}, this run on {wanted}")
+    drawn_for = {"teacher": str(teacher_dir.resolve()), "samples": str(n), "seed": str(seed)}
+    grids = None
+    if cache is not None and cache.is_file() and read_safetensors_metadata(cache) == drawn_for:
+        grids = read_safetensors(cache)["tokens"]
+    cycle = torch.arange(n) % len(train)
+    labels = None if train.labels is None else torch.as_tensor(train.labels)[cycle]
+    captions = None if train.captions is None else [train.captions[int(i)] for i in cycle]
+    if grids is None:
+        sampling_file = teacher_dir / "sampling.json"
+        sampling = read_json(sampling_file, "sampling defaults") if sampling_file.is_file() else {}
+        kwargs = sampling_kwargs(sampling, teacher)
+        chunks = []
+        for chunk, rows in enumerate(tqdm(torch.arange(n).split(batch_size * 4), desc="distill: teacher samples",
+                                          disable=not progress, leave=False)):
+            condition = ({"labels": labels[rows]} if labels is not None else
+                         {"captions": [captions[int(r)] for r in rows]} if captions is not None else None)
+            chunks.append(teacher.sample(len(rows), condition, seed=seed + chunk, batch_size=batch_size,
+                                         **kwargs).cpu())
+        grids = torch.cat(chunks)
+        if cache is not None:
+            atomic_save_safetensors(cache, {"tokens": grids}, metadata=drawn_for)
+    return TokenSet(torch.cat([train.tokens, grids]),
+                    None if labels is None else torch.cat([torch.as_tensor(train.labels), labels]),
+                    None if captions is None else [*train.captions, *captions],
+                    train.name, f"{train.split}+{n} teacher samples", train.conditioning)
 
 
 def sampling_kwargs(sampling, prior: TokenPrior, **overrides) -> dict:

@@ -123,6 +123,13 @@ class PriorTrainConfig:
     # Exponential moving average of the prior's weights (0: off). The averaged weights are what is saved, evaluated
     # and sampled from; the optimizer keeps training the raw ones.
     ema_decay: float = 0.0
+    # Sequence-level knowledge distillation: TRAIN's grids plus ``distill_samples`` grids sampled from the prior in
+    # ``distill_from`` (a trained prior over the same tokenizer, sampled with its saved settings and TRAIN's labels or
+    # captions in turn). A parallel (mask-mode) decoder draws many tokens at once as if independent; a teacher's
+    # samples are less multi-modal than real data, which is what lets non-autoregressive models approach their
+    # autoregressive teachers (Kim & Rush 2016, Gu et al. 2018).
+    distill_from: str | None = None
+    distill_samples: int = 0  # 0 with distill_from: ten times as many as TRAIN has
     steps: int = 3000
     batch_size: int = 64
     seed: int = 0
@@ -139,6 +146,10 @@ class PriorTrainConfig:
             raise ValueError(f"shift_radius must be >= 0 (whole pixels), got {self.shift_radius}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.distill_samples < 0:
+            raise ValueError(f"distill_samples must be >= 0, got {self.distill_samples}")
+        if self.distill_samples and not self.distill_from:
+            raise ValueError(f"distill_samples={self.distill_samples} needs distill_from (a trained prior's directory)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -102,7 +102,7 @@ def caption_words(cfg, train_tokens, test_tokens, text_vocab: str | None) -> lis
 def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: bool = False,
                 stop_at: int | None = None, progress: bool = True, resume_overrides: dict | None = None) -> dict | None:
     """Train (or resume) a TokenPrior over the tokens that ``tokenizer_dir`` gives the configured data."""
-    from ..apps.generate import choose_conditioning, record_tokenizer_path, token_set
+    from ..apps.generate import choose_conditioning, record_tokenizer_path, token_set, with_teacher_samples
     from ..models.prior import TokenPrior
     from .tasks import PriorTask
 
@@ -134,6 +134,14 @@ def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: boo
     train_tokens = token_set(tokenizer, train_src, conditioning, cache / "train.safetensors", progress,
                              cfg.shift_radius)
     test_tokens = token_set(tokenizer, test_src, conditioning, cache / "test.safetensors", progress)
+    if cfg.distill_from:
+        n = cfg.distill_samples or 10 * len(train_tokens)
+        if D.is_main_process():  # sampled once, on rank 0; the others read the cache
+            with_teacher_samples(train_tokens, cfg.distill_from, tokenizer_dir, n, cache / "distill.safetensors",
+                                 cfg.seed, progress, device=device)
+        D.barrier()
+        train_tokens = with_teacher_samples(train_tokens, cfg.distill_from, tokenizer_dir, n,
+                                            cache / "distill.safetensors", cfg.seed, progress)
     h, w = train_tokens.tokens.shape[-2:]
     text_vocab = (cfg.prior.text_vocab or "bytes") if conditioning == "text" else None
     cfg.prior = dataclasses.replace(
