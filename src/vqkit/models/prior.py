@@ -627,10 +627,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
             for batch in torch.arange(n, device=self.device).split(batch_size):
                 cond = (None if class_ids is None else class_ids[batch], None if text_ids is None else text_ids[batch])
                 if c.mode == "ar":
-                    tokens, used = self._sample_ar(len(batch), *cond, scale_at, draw)
+                    tokens, used = self._sample_ar(len(batch), *cond, scale_at, draw, return_logits)
                 else:
                     tokens, used = self._sample_mask(len(batch), *cond, scale_at, steps,
-                                                     remask_temperature, revisit, draw)
+                                                     remask_temperature, revisit, draw, return_logits)
                 samples.append(tokens)
                 logits.append(used)
         samples = torch.cat(samples).reshape(n, *c.token_grid)
@@ -638,9 +638,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
             return samples, torch.cat(logits).reshape(n, *c.token_grid, c.codebook_size)
         return samples
 
-    def _sample_ar(self, batch: int, class_ids, text_ids, guidance, draw: dict):
+    def _sample_ar(self, batch: int, class_ids, text_ids, guidance, draw: dict, keep_logits: bool):
         """Raster-order decoding, one token per forward pass over cached keys/values. ``guidance``: None, or the
-        guidance scale as a function of the share of decoding done."""
+        guidance scale as a function of the share of decoding done. Returns (tokens, the logits each was drawn from
+        if ``keep_logits``, else None)."""
         c = self.config
         if guidance is not None:
             class_ids, text_ids = self._with_null(class_ids, text_ids)
@@ -649,12 +650,13 @@ class TokenPrior(PretrainedMixin, nn.Module):
         offset = self._condition_offset(class_ids, text_ids)
         hidden = self._transformer(prefix, 0, caches)[:, -1]
         tokens = torch.empty(batch, c.seq_len, dtype=torch.long, device=self.device)
-        used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device)
+        used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device) if keep_logits else None
         for i in range(c.seq_len):
             logits = self._head(hidden).float()
             if guidance is not None:
                 logits = combine_guidance(logits, guidance((i + 1) / c.seq_len))
-            used[:, i] = logits
+            if keep_logits:
+                used[:, i] = logits
             tokens[:, i] = sample_from_logits(logits, **draw)[0]
             if i + 1 < c.seq_len:
                 step_input = tokens[:, i].repeat(2 if guidance is not None else 1)
@@ -663,7 +665,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return tokens, used
 
     def _sample_mask(self, batch: int, class_ids, text_ids, guidance, steps: int,
-                     remask_temperature: float, revisit: bool, draw: dict):
+                     remask_temperature: float, revisit: bool, draw: dict, keep_logits: bool):
         """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the
         rest; a cosine schedule sets how many stay masked after step t (none after the last). Kept tokens are never
         revisited, unless ``revisit``: then the tokens decoded in earlier steps are ranked with the new ones by their
@@ -672,7 +674,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         c = self.config
         L, K = c.seq_len, c.codebook_size
         tokens = torch.full((batch, L), self.mask_id, dtype=torch.long, device=self.device)
-        used = torch.zeros(batch, L, c.codebook_size, device=self.device)
+        used = torch.zeros(batch, L, c.codebook_size, device=self.device) if keep_logits else None
         for step in range(steps):
             masked = tokens == self.mask_id
             num_masked = int(masked[0].sum())  # the same for every grid: they follow one schedule
@@ -695,8 +697,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
             tokens = torch.where(masked, drawn.reshape(batch, L), tokens)
             if stay_masked > 0:
                 tokens.scatter_(1, confidence.topk(stay_masked, dim=1, largest=False).indices, self.mask_id)
-            decoded_now = masked & (tokens != self.mask_id)
-            used[decoded_now] = logits[decoded_now]
+            if keep_logits:
+                decoded_now = masked & (tokens != self.mask_id)
+                used[decoded_now] = logits[decoded_now]
         return tokens, used
 
 
