@@ -152,7 +152,7 @@ def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir
                           f"({tc.tokenizer}), not {tokenizer_dir}")
     wanted = {"class": "class labels", "text": "captions", "none": "no condition"}[train.conditioning]
     has = "class labels" if tc.num_classes else "captions" if tc.text_vocab else "no condition"
-    if has != wanted or (tc.num_classes and int(train.labels.max()) >= tc.num_classes):
+    if has != wanted or (tc.num_classes and int(torch.as_tensor(train.labels).max()) >= tc.num_classes):
         raise ConfigError(f"distill_from: the prior in {teacher_dir} is conditioned on {has}, this run on {wanted}")
     drawn_for = {"teacher": str(teacher_dir.resolve()), "samples": str(n), "seed": str(seed)}
     grids = None
