@@ -170,6 +170,9 @@ def train_network(source: ImageSource, recipe: ClassifierRecipe, device: str = "
     return network.eval()
 
 
+# Gradients on even when the caller turned them off (an evaluation script under torch.set_grad_enabled(False)
+# whose first call trains the classifier).
+@torch.enable_grad()
 def _fit(network: SmallCNN, images, labels, recipe: ClassifierRecipe, device, progress: bool, desc: str) -> None:
     generator = torch.Generator().manual_seed(recipe.seed)
     batches_per_epoch = math.ceil(len(images) / recipe.batch_size)
