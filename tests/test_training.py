@@ -399,3 +399,19 @@ def test_resume_without_a_run_fails(tmp_path):
     (tmp_path / "half" / RUN_CONFIG).write_text(json.dumps(tiny_cfg().to_dict()))
     with pytest.raises(ConfigError, match="no run to resume"):  # a config but no checkpoint
         train_tokenizer(None, tmp_path / "half", resume=True, progress=False)
+
+
+def test_every_preset_builds():
+    """Each shipped preset builds its config (a distilled prior's preset needs its teacher, and says so)."""
+    from vqkit.training.config import ConfigError, resolve_config
+
+    for name in list_presets():
+        kind = "prior" if "prior" in name else "gan" if name.endswith("-gan") else "tokenizer"
+        if "distilled" in name:
+            with pytest.raises(ConfigError, match="--teacher"):
+                resolve_config("mnist5k", name, kind=kind)
+            cfg = resolve_config("mnist5k", name, overrides=["distill_from=runs/prior"], kind=kind)
+            assert cfg.distill_samples > 0
+        else:
+            cfg = resolve_config("mnist5k", name, kind=kind)
+        assert cfg.preset == name

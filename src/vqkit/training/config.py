@@ -149,7 +149,8 @@ class PriorTrainConfig:
         if self.distill_samples < 0:
             raise ValueError(f"distill_samples must be >= 0, got {self.distill_samples}")
         if self.distill_samples and not self.distill_from:
-            raise ValueError(f"distill_samples={self.distill_samples} needs distill_from (a trained prior's directory)")
+            raise ValueError(f"distill_samples={self.distill_samples} needs a teacher: give --teacher DIR (a trained "
+                             "prior over the same tokenizer) or distill_from=DIR")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
