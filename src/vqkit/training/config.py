@@ -126,8 +126,8 @@ class PriorTrainConfig:
     # Sequence-level knowledge distillation: TRAIN's grids plus ``distill_samples`` grids sampled from the prior in
     # ``distill_from`` (a trained prior over the same tokenizer, sampled with its saved settings and TRAIN's labels or
     # captions in turn). A parallel (mask-mode) decoder draws many tokens at once as if independent; a teacher's
-    # samples are less multi-modal than real data, which is what lets non-autoregressive models approach their
-    # autoregressive teachers (Kim & Rush 2016, Gu et al. 2018).
+    # samples are less multi-modal than real data, the reason non-autoregressive translation models train on their
+    # autoregressive teachers' outputs (Kim & Rush 2016, Gu et al. 2018).
     distill_from: str | None = None
     distill_samples: int = 0  # 0 with distill_from: ten times as many as TRAIN has
     steps: int = 3000
