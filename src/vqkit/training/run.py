@@ -136,12 +136,15 @@ def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: boo
     test_tokens = token_set(tokenizer, test_src, conditioning, cache / "test.safetensors", progress)
     if cfg.distill_from:
         n = cfg.distill_samples or 10 * len(train_tokens)
-        if D.is_main_process():  # sampled once, on rank 0; the others read the cache
-            with_teacher_samples(train_tokens, cfg.distill_from, tokenizer_dir, n, cache / "distill.safetensors",
-                                 cfg.seed, progress, device=device)
+        distilled = None
+        if D.is_main_process():  # sampled once, on rank 0; the other ranks read its cache
+            distilled = with_teacher_samples(train_tokens, cfg.distill_from, tokenizer_dir, n,
+                                             cache / "distill.safetensors", cfg.seed, progress, device=device)
         D.barrier()
-        train_tokens = with_teacher_samples(train_tokens, cfg.distill_from, tokenizer_dir, n,
-                                            cache / "distill.safetensors", cfg.seed, progress)
+        if distilled is None:
+            distilled = with_teacher_samples(train_tokens, cfg.distill_from, tokenizer_dir, n,
+                                             cache / "distill.safetensors", cfg.seed, progress)
+        train_tokens = distilled
     h, w = train_tokens.tokens.shape[-2:]
     text_vocab = (cfg.prior.text_vocab or "bytes") if conditioning == "text" else None
     cfg.prior = dataclasses.replace(
