@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--prior", required=True)
     ap.add_argument("--data", default="mnist5k")
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
-                    help="temperature:top_k|none:guidance_scale[:top_p|none[:constant|linear]]")
+                    help="temperature:top_k|none:guidance_scale[:top_p|none[:constant|linear]][+revisit][+halton]")
     ap.add_argument("--steps", type=int, default=None, help="mask mode: parallel decoding steps (default: the prior's)")
     ap.add_argument("--revisit", action="store_true", help="mask mode: every setting also with revisit decoding")
     ap.add_argument("--seed", type=int, default=0)
@@ -112,9 +112,13 @@ def main() -> None:
 
     def generator_for(text: str):
         """The prior's saved sampling settings with this setting (and --steps) applied."""
-        revisit = text.endswith("+revisit")
-        setting = {**sampling, **parse_setting(text.removesuffix("+revisit")),
-                   **({"steps": args.steps} if args.steps else {}), **({"revisit": True} if revisit else {})}
+        base, *flags = text.split("+")
+        unknown = set(flags) - {"revisit", "halton"}
+        if unknown:
+            raise SystemExit(f"setting {text!r}: unknown flag(s) {sorted(unknown)} (known: +revisit, +halton)")
+        setting = {**sampling, **parse_setting(base), **({"steps": args.steps} if args.steps else {}),
+                   **({"revisit": True} if "revisit" in flags else {}),
+                   **({"order": "halton"} if "halton" in flags else {})}
         return prior_generator(prior, tokenizer, setting), setting
 
     if args.revisit:

@@ -49,6 +49,9 @@ def test_train_prior_then_sample(tokenizer_dir, tmp_path, mode):
     assert main(["sample", "--prior", str(prior), "--class", "3", "--n", "2", "--guidance", "2",
                  "--guidance-schedule", "linear", "--revisit", "--out", str(tmp_path / "options.png")]) == 0
     assert (tmp_path / "options.png").is_file()
+    assert main(["sample", "--prior", str(prior), "--class", "3", "--n", "2", "--order", "halton",
+                 "--out", str(tmp_path / "halton.png")]) == 0
+    assert (tmp_path / "halton.png").is_file()
 
 
 def test_samples_are_seeded(tokenizer_dir, tmp_path):

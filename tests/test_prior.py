@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vqkit.io import VQKitFileError
-from vqkit.models.prior import TokenPrior, TokenPriorConfig
+from vqkit.models.prior import TokenPrior, TokenPriorConfig, halton_order
 from vqkit.models.text import ByteTokenizer, make_text_tokenizer, split_words, word_vocabulary
 
 K, GRID = 16, (3, 4)
@@ -220,6 +220,36 @@ def test_revisit_decoding_can_remask_decoded_tokens():
     assert not torch.equal(kept[0], revisited[0])
     again = prior.sample(12, labels, seed=3, steps=6, revisit=True)
     assert torch.equal(again, revisited[0])
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (3, 4), (1, 5), (8, 8)])
+def test_halton_order_is_a_spread_out_permutation(shape):
+    order = halton_order(*shape)
+    assert sorted(order.tolist()) == list(range(shape[0] * shape[1]))
+    if shape == (8, 8):  # spread out: the first eight positions sit in eight different rows and columns
+        rows, cols = order[:8] // 8, order[:8] % 8
+        assert len(set(rows.tolist())) == 8 and len(set(cols.tolist())) == 8
+
+
+def test_halton_decoding_keeps_positions_in_halton_order():
+    prior = tiny("mask", num_classes=3)
+    labels, L, steps = [0, 1, 2], GRID[0] * GRID[1], 4
+    grids_, used = prior.sample(3, labels, seed=0, steps=steps, order="halton", return_logits=True)
+    assert grids_.min() >= 0 and grids_.max() < K
+    # the first step decodes from the all-[MASK] grid; the positions it keeps are the first ones of the Halton order
+    # for every sample, whatever their confidence
+    first = prior.logits(torch.full((3, L), K), labels).reshape(3, L, K)
+    decoded_first = (used.reshape(3, L, K) == first).all(-1)
+    kept_first = L - math.floor(L * math.cos(math.pi / 2 / steps))
+    expected = torch.zeros(L, dtype=torch.bool)
+    expected[halton_order(*GRID)[:kept_first]] = True
+    assert torch.equal(decoded_first, expected.expand(3, L))
+    by_confidence = prior.sample(3, labels, seed=0, steps=steps)
+    assert not torch.equal(by_confidence, grids_)
+    with pytest.raises(ValueError, match="order must be one of"):
+        prior.sample(3, labels, order="raster")
+    with pytest.raises(ValueError, match="does not combine"):
+        prior.sample(3, labels, order="halton", revisit=True)
 
 
 def test_class_at_every_token_conditions_every_position():

@@ -91,7 +91,7 @@ def cmd_sample(args) -> int:
         condition = {**(condition or {}), "captions": args.text}
     kwargs = sampling_kwargs(defaults, prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule, steps=args.steps,
-                             revisit=args.revisit)
+                             revisit=args.revisit, order=args.order)
     grids = prior.sample(args.n, condition, seed=args.seed, batch_size=args.batch_size, **kwargs)
     images = decode_samples(tokenizer, grids)
     out = Path(args.out)
@@ -136,7 +136,7 @@ def cmd_eval_samples(args) -> int:
         prior, tokenizer, sampling = load_generator(args.prior)
         overrides = {k: v for k, v in dict(guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
                                            temperature=args.temperature, top_k=args.top_k, steps=args.steps,
-                                           revisit=args.revisit).items() if v is not None}
+                                           revisit=args.revisit, order=args.order).items() if v is not None}
         generate = prior_generator(prior, tokenizer, {**sampling, **overrides})
         text = prior.config.text_vocab is not None
     else:
@@ -461,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--steps", type=int, help="parallel decoding steps (masked priors)")
     sm.add_argument("--revisit", action="store_true", default=None,
                     help="masked priors: let decoded tokens be re-masked (for priors trained with input_noise)")
+    sm.add_argument("--order", choices=["confidence", "halton"],
+                    help="masked priors: keep the most confident tokens each step, or decode in a spread-out order")
     sm.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     sm.add_argument("--nrow", type=int, default=0, help="images per grid row")
     sm.set_defaults(func=cmd_sample)
@@ -524,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--steps", type=int, help="parallel decoding steps (masked prior)")
     es.add_argument("--revisit", action="store_true", default=None,
                     help="masked prior: let decoded tokens be re-masked (for priors trained with input_noise)")
+    es.add_argument("--order", choices=["confidence", "halton"],
+                    help="masked prior: keep the most confident tokens each step, or decode in a spread-out order")
     es.add_argument("--no-timing", action="store_true", dest="no_timing", help="skip the latency measurements")
     es.add_argument("--json", help="also write the results to this JSON file")
     es.set_defaults(func=cmd_eval_samples)

@@ -268,6 +268,31 @@ def combine_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+MASK_ORDERS = ("confidence", "halton")
+
+
+def radical_inverse(i: int, base: int) -> float:
+    """The i-th term of the van der Corput sequence in ``base`` (digits of i mirrored about the radix point)."""
+    inverse, scale = 0.0, 1.0 / base
+    while i > 0:
+        i, digit = divmod(i, base)
+        inverse += digit * scale
+        scale /= base
+    return inverse
+
+
+def halton_order(height: int, width: int) -> torch.Tensor:
+    """Raster positions of a height x width grid in the order the 2-D Halton sequence (bases 2 and 3) first visits
+    their cells: every prefix of it is spread evenly over the grid, so the tokens decoded in one parallel step sit
+    far apart (Besnier et al., "Halton scheduler for masked generative image transformer", ICLR 2025)."""
+    order, seen, i = [], set(), 0
+    while len(order) < height * width:
+        i += 1
+        cell = int(radical_inverse(i, 3) * height) * width + int(radical_inverse(i, 2) * width)
+        if cell not in seen:
+            seen.add(cell)
+            order.append(cell)
+    return torch.tensor(order, dtype=torch.long)
 
 
 def scheduled_guidance(scale: float, schedule: str, progress: float) -> float:
@@ -588,7 +613,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
     def sample(self, n: int, condition=None, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, guidance_scale: float = 1.0, steps: int = 8,
                remask_temperature: float = 4.5, revisit: bool = False, guidance_schedule: str = "constant",
-               seed: int | None = None, batch_size: int = 64,
+               order: str = "confidence", seed: int | None = None, batch_size: int = 64,
                grid: tuple[int, int] | None = None, return_logits: bool = False):
         """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
 
@@ -598,7 +623,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
         1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
         ``top_k``, ``top_p`` shape the distribution each token is drawn from. Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay
         is decided by their log-probability plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``;
-        ``revisit`` lets tokens decoded earlier be re-masked too (see ``_sample_mask``).
+        ``revisit`` lets tokens decoded earlier be re-masked too (see ``_sample_mask``). ``order`` "halton" decodes
+        the positions in a fixed, spatially spread order instead of by confidence (see ``halton_order``).
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
         torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
         also return the (guided) logits [n, h, w, K] that each token was drawn from.
@@ -616,6 +642,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if order not in MASK_ORDERS:
+            raise ValueError(f"order must be one of {MASK_ORDERS}, got {order!r}")
+        if order == "halton" and revisit:
+            raise ValueError("revisit re-ranks decoded tokens by confidence; it does not combine with order='halton'")
         guidance = None if guidance_scale == 1.0 else float(guidance_scale)
         self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)
@@ -629,8 +659,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 if c.mode == "ar":
                     tokens, used = self._sample_ar(len(batch), *cond, scale_at, draw, return_logits)
                 else:
-                    tokens, used = self._sample_mask(len(batch), *cond, scale_at, steps,
-                                                     remask_temperature, revisit, draw, return_logits)
+                    tokens, used = self._sample_mask(len(batch), *cond, scale_at, steps, remask_temperature,
+                                                     revisit, order, draw, return_logits)
                 samples.append(tokens)
                 logits.append(used)
         samples = torch.cat(samples).reshape(n, *c.token_grid)
@@ -664,15 +694,20 @@ class TokenPrior(PretrainedMixin, nn.Module):
                                            caches)[:, -1]
         return tokens, used
 
-    def _sample_mask(self, batch: int, class_ids, text_ids, guidance, steps: int,
-                     remask_temperature: float, revisit: bool, draw: dict, keep_logits: bool):
+    def _sample_mask(self, batch: int, class_ids, text_ids, guidance, steps: int, remask_temperature: float,
+                     revisit: bool, order: str, draw: dict, keep_logits: bool):
         """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the
         rest; a cosine schedule sets how many stay masked after step t (none after the last). Kept tokens are never
         revisited, unless ``revisit``: then the tokens decoded in earlier steps are ranked with the new ones by their
         log-probability under this step's logits, so a token that no longer fits what was decoded around it can be
-        re-masked and drawn again (for a prior trained with ``input_noise``, which learns to judge visible tokens)."""
+        re-masked and drawn again (for a prior trained with ``input_noise``, which learns to judge visible tokens).
+        ``order`` "halton": the same schedule, but each step keeps the next positions of ``halton_order`` instead of
+        the most confident ones (tokens decoded together then sit far apart rather than clustering)."""
         c = self.config
         L, K = c.seq_len, c.codebook_size
+        if order == "halton":  # rank[p]: when position p is decoded; lower ranks are kept first
+            rank = torch.empty(L, device=self.device)
+            rank[halton_order(*c.token_grid).to(self.device)] = torch.arange(L, device=self.device, dtype=rank.dtype)
         tokens = torch.full((batch, L), self.mask_id, dtype=torch.long, device=self.device)
         used = torch.zeros(batch, L, c.codebook_size, device=self.device) if keep_logits else None
         for step in range(steps):
@@ -692,6 +727,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 current = (logits / draw["temperature"]).log_softmax(-1).gather(-1, tokens.clamp(max=K - 1)[..., None])
                 log_prob = torch.where(masked, log_prob, current.squeeze(-1))
             confidence = log_prob + remask_temperature * (1 - progress) * gumbel
+            if order == "halton":
+                confidence = -rank.expand(batch, L)
             if not revisit:
                 confidence = confidence.masked_fill(~masked, float("inf"))  # decoded tokens are never re-masked
             tokens = torch.where(masked, drawn.reshape(batch, L), tokens)

@@ -109,6 +109,7 @@ class SamplingConfig:
     guidance_schedule: str = "constant"  # constant | linear (from 1 at the first token or step up to guidance_scale)
     steps: int = 8  # mask mode: parallel decoding steps
     revisit: bool = False  # mask mode: tokens decoded earlier may be re-masked (priors trained with input_noise)
+    order: str = "confidence"  # mask mode: which drawn tokens each step keeps: confidence | halton (spread out)
 
 
 @dataclass
