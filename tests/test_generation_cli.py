@@ -159,6 +159,32 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     assert again["prior"] == summary["prior"] and again["tokenizer"] == summary["tokenizer"]
 
 
+def test_eval_samples_applies_the_sampling_options(tokenizer_dir, tmp_path, monkeypatch):
+    """`vqkit eval samples --prior`: the command-line options override the prior's saved sampling settings, and the
+    results reach the terminal and --json (tiny classifier in a private cache)."""
+    import vqkit.apps.sample_eval as sample_eval
+    import vqkit.metrics.classifier as classifier_module
+    from vqkit.metrics.classifier import ClassifierRecipe
+
+    prior = tmp_path / "prior"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(prior),
+                 "--mode", "mask", "--steps", "3", *TINY_PRIOR]) == 0
+    tiny = ClassifierRecipe(stage_widths=((4,), (8,)), grid=2, hidden=16, epochs=1, batch_size=32,
+                            max_train_images=256, max_steps=6)
+    real_get, real_generator, used = classifier_module.get_classifier, sample_eval.prior_generator, []
+    monkeypatch.setenv("VQKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(classifier_module, "get_classifier", lambda dataset, **kw: real_get(dataset, recipe=tiny, **kw))
+    monkeypatch.setattr(sample_eval, "prior_generator",
+                        lambda p, t, sampling: used.append(sampling) or real_generator(p, t, sampling))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "samples", "--prior", str(prior), "--per-class", "2", "--no-timing", "--order", "halton",
+                 "--top-p", "0.9", "--guidance", "1.5", "--steps", "4", "--json", str(out)]) == 0
+    saved = json.loads((prior / "sampling.json").read_text())
+    assert used[-1] == {**saved, "order": "halton", "top_p": 0.9, "guidance_scale": 1.5, "steps": 4}
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 20 and 0 <= result["class_accuracy"] <= 1 and result["fd"] >= 0
+
+
 def test_shift_images_moves_content_by_whole_pixels():
     from vqkit.apps.generate import pixel_offsets, shift_images
 

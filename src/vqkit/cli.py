@@ -134,9 +134,10 @@ def cmd_eval_samples(args) -> int:
         from .apps.generate import load_generator
 
         prior, tokenizer, sampling = load_generator(args.prior)
-        overrides = {k: v for k, v in dict(guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                                           temperature=args.temperature, top_k=args.top_k, steps=args.steps,
-                                           revisit=args.revisit, order=args.order).items() if v is not None}
+        options = dict(guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
+                       revisit=args.revisit, order=args.order)
+        overrides = {k: v for k, v in options.items() if v is not None}
         generate = prior_generator(prior, tokenizer, {**sampling, **overrides})
         text = prior.config.text_vocab is not None
     else:
@@ -523,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="linear: ramp the guidance scale up from 1 over the decoding (prior)")
     es.add_argument("--temperature", type=float)
     es.add_argument("--top-k", type=int, dest="top_k")
+    es.add_argument("--top-p", type=float, dest="top_p")
     es.add_argument("--steps", type=int, help="parallel decoding steps (masked prior)")
     es.add_argument("--revisit", action="store_true", default=None,
                     help="masked prior: let decoded tokens be re-masked (for priors trained with input_noise)")

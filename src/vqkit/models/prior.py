@@ -621,8 +621,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), conditional and unconditional halves
         run as one batch (s = 1 is the plain conditional model); ``guidance_schedule`` "linear" ramps the scale from
         1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
-        ``top_k``, ``top_p`` shape the distribution each token is drawn from. Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay
-        is decided by their log-probability plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``;
+        ``top_k``, ``top_p`` shape the distribution each token is drawn from. Mask mode decodes in ``steps``
+        parallel steps; which drawn tokens stay is decided by their log-probability plus Gumbel noise scaled by
+        ``remask_temperature * (1 - step/steps)``;
         ``revisit`` lets tokens decoded earlier be re-masked too (see ``_sample_mask``). ``order`` "halton" decodes
         the positions in a fixed, spatially spread order instead of by confidence (see ``halton_order``).
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
