@@ -50,7 +50,7 @@ def main() -> None:
         if not (args.reuse and (path / "eval.json").is_file()):
             vqkit(*cmd)
 
-    train(tok, "train", "tokenizer", "--data", "mnist5k", "--preset", "mnist-generation-tokenizer", "--out", str(tok))
+    train(tok, "train", "tokenizer", "--data", "mnist5k", "--preset", "mnist-demo-tokenizer", "--out", str(tok))
     train(runs / "prior-ar", "train", "prior", "--tokenizer", str(tok), "--data", "mnist5k", "--mode", "ar",
           "--preset", "mnist-prior-ar", "--out", str(runs / "prior-ar"))
     train(runs / "prior-mask", "train", "prior", "--tokenizer", str(tok), "--data", "mnist5k", "--mode", "mask",
