@@ -722,14 +722,16 @@ class TokenPrior(PretrainedMixin, nn.Module):
             drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
             # At least one new token per step, so that decoding always finishes within `steps`.
             stay_masked = min(math.floor(L * math.cos(math.pi / 2 * progress)), num_masked - 1)
-            gumbel = -torch.log(-torch.log(uniform((batch, L), draw["generator"], self.device).clamp_(min=1e-20)))
-            log_prob = drawn_log_prob.reshape(batch, L)
-            if revisit:  # decoded tokens compete with the new ones, judged by the model given everything else
-                current = (logits / draw["temperature"]).log_softmax(-1).gather(-1, tokens.clamp(max=K - 1)[..., None])
-                log_prob = torch.where(masked, log_prob, current.squeeze(-1))
-            confidence = log_prob + remask_temperature * (1 - progress) * gumbel
             if order == "halton":
                 confidence = -rank.expand(batch, L)
+            else:
+                log_prob = drawn_log_prob.reshape(batch, L)
+                if revisit:  # decoded tokens compete with the new ones, judged by the model given everything else
+                    current = (logits / draw["temperature"]).log_softmax(-1)
+                    current = current.gather(-1, tokens.clamp(max=K - 1)[..., None]).squeeze(-1)
+                    log_prob = torch.where(masked, log_prob, current)
+                gumbel = -torch.log(-torch.log(uniform((batch, L), draw["generator"], self.device).clamp_(min=1e-20)))
+                confidence = log_prob + remask_temperature * (1 - progress) * gumbel
             if not revisit:
                 confidence = confidence.masked_fill(~masked, float("inf"))  # decoded tokens are never re-masked
             tokens = torch.where(masked, drawn.reshape(batch, L), tokens)
