@@ -132,6 +132,18 @@ def test_train_prior_errors(tokenizer_dir, tmp_path, capsys):
     assert main(["train", "prior", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
 
 
+@pytest.mark.parametrize("setting, message", [("sampling.order=raster", "order must be one of"),
+                                              ("sampling.guidance_schedule=cosine", "guidance_schedule must be"),
+                                              ("sampling.temperature=0", "temperature must be > 0")])
+def test_bad_sampling_settings_are_refused_before_training(tokenizer_dir, tmp_path, capsys, setting, message):
+    """A prior's saved sampling settings are checked with the config, not when the trained prior first samples."""
+    out = tmp_path / "prior"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(out),
+                 "--mode", "mask", "--steps", "3", *TINY_PRIOR, setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     """The demo's plumbing (tokenizer -> prior -> samples -> evaluation -> report) with tiny models and a tiny
     feature classifier in a private cache; its quality is judged by benchmarks/generation_mnist.py, not here."""

@@ -295,6 +295,26 @@ def halton_order(height: int, width: int) -> torch.Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
+def check_sampling_options(*, temperature: float, top_k: int | None, top_p: float | None, steps: int,
+                           guidance_schedule: str, order: str, revisit: bool, **_) -> None:
+    """Raise ValueError for sampling settings ``TokenPrior.sample`` cannot use. Shared with the saved
+    ``SamplingConfig``, so that a bad setting is refused before a prior trains, not when it first samples."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+    if order not in MASK_ORDERS:
+        raise ValueError(f"order must be one of {MASK_ORDERS}, got {order!r}")
+    if order == "halton" and revisit:
+        raise ValueError("revisit re-ranks decoded tokens by confidence; it does not combine with order='halton'")
+
+
 def scheduled_guidance(scale: float, schedule: str, progress: float) -> float:
     """The guidance scale to use once a share ``progress`` in (0, 1] of the decoding is done. linear ramps it from
     1 (no guidance) up to ``scale`` at the end, so the first tokens, which fix the layout, are drawn with the
@@ -623,9 +643,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
         ``top_k``, ``top_p`` shape the distribution each token is drawn from. Mask mode decodes in ``steps``
         parallel steps; which drawn tokens stay is decided by their log-probability plus Gumbel noise scaled by
-        ``remask_temperature * (1 - step/steps)``;
-        ``revisit`` lets tokens decoded earlier be re-masked too (see ``_sample_mask``). ``order`` "halton" decodes
-        the positions in a fixed, spatially spread order instead of by confidence (see ``halton_order``).
+        ``remask_temperature * (1 - step/steps)``; ``revisit`` lets tokens decoded earlier be re-masked too (see
+        ``_sample_mask``). ``order`` "halton" decodes the positions in a fixed, spatially spread order instead of by
+        confidence (see ``halton_order``).
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
         torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
         also return the (guided) logits [n, h, w, K] that each token was drawn from.
@@ -633,20 +653,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
         c = self.config
         if grid is not None and tuple(grid) != tuple(c.token_grid):
             raise ValueError(f"this prior generates {tuple(c.token_grid)} token grids, got grid={tuple(grid)}")
-        if n < 1 or batch_size < 1 or steps < 1:
-            raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, {steps}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        if order not in MASK_ORDERS:
-            raise ValueError(f"order must be one of {MASK_ORDERS}, got {order!r}")
-        if order == "halton" and revisit:
-            raise ValueError("revisit re-ranks decoded tokens by confidence; it does not combine with order='halton'")
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
+        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
+                               guidance_schedule=guidance_schedule, order=order, revisit=revisit)
         guidance = None if guidance_scale == 1.0 else float(guidance_scale)
         self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..models.prior import TokenPriorConfig
+from ..models.prior import TokenPriorConfig, check_sampling_options
 from ..models.tokenizer import VQModelConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -110,6 +110,9 @@ class SamplingConfig:
     steps: int = 8  # mask mode: parallel decoding steps
     revisit: bool = False  # mask mode: tokens decoded earlier may be re-masked (priors trained with input_noise)
     order: str = "confidence"  # mask mode: which drawn tokens each step keeps: confidence | halton (spread out)
+
+    def __post_init__(self):
+        check_sampling_options(**dataclasses.asdict(self))
 
 
 @dataclass
