@@ -13,8 +13,8 @@ from vqkit.metrics import classifier as classifier_module
 from vqkit.metrics.classifier import (ClassifierRecipe, EffNetPooledFeatures, FeatureClassifier, classifier_dir,
                                       fd_between, fd_floor, get_classifier, kid_between, random_affine,
                                       recipe_hash, train_network)
-from vqkit.metrics.fd import (KernelDistance, frechet_distance, frechet_distance_from_stats, kernel_distance,
-                              nearest_neighbour_ratio)
+from vqkit.metrics.fd import (KernelDistance, frechet_distance, frechet_distance_from_stats, gaussian_fit,
+                              kernel_distance, nearest_neighbour_ratio)
 
 # A few seconds of training on a subset: enough to test the plumbing, not to classify well.
 TINY = ClassifierRecipe(stage_widths=((4,), (8,)), grid=2, hidden=16, epochs=1, batch_size=32, max_train_images=256,
@@ -251,3 +251,16 @@ def test_tokenizer_ceiling_is_what_reproducing_train_scores(monkeypatch, tmp_pat
     real = evaluate_class_samples(replay((train_images[order] + 1) / 2), "digits", progress=False, timing=False)
     assert real["fd"] == pytest.approx(real["fd_floor_same_n"], rel=1e-6) and "fd_tokenizer_ceiling" not in real
     assert real["train_nearest_neighbour_ratio"] == pytest.approx(0.0, abs=1e-3)  # replaying TRAIN copies it
+
+
+def test_frechet_distance_in_sample_space_equals_the_covariance_route():
+    # fewer images than dimensions (as 1000 images of 2048 Inception features): singular covariances, computed in
+    # sample space; the covariance route from the Gaussian fits must give the same number (to its round-off: the
+    # zero eigenvalues of singular covariances come out as +-1e-15, whose square roots add up), without any eps
+    rng = np.random.default_rng(1)
+    a = np.abs(rng.normal(size=(30, 80)))
+    b = np.abs(rng.normal(size=(45, 80))) * 1.2 + 0.1
+    exact = frechet_distance_from_stats(*gaussian_fit(a), *gaussian_fit(b))
+    assert frechet_distance(a, b) == pytest.approx(exact, rel=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(exact, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)

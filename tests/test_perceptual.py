@@ -215,3 +215,51 @@ def test_lpips_random_weights_are_non_negative_and_grow_with_noise(lpips_random,
     distances = [float(lpips_random(small, with_noise(small, std)).mean()) for std in (0.05, 0.2, 0.8)]
     assert 0 < distances[0] < distances[1] < distances[2]
     assert np.isfinite(distances).all()
+
+
+def test_eval_tokenizer_reports_lpips_when_its_weights_are_present(lpips_files, tmp_path, monkeypatch, capsys):
+    import json
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from vqkit import VQModel
+    from vqkit.cli import main
+
+    model = VQModel(in_channels=1, base_channels=8, channel_mult=[1, 2], z_channels=8, embed_dim=8,
+                    codebook_size=16, mid_attention=False)
+    model.save_pretrained(tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 5)):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "data" / split / f"{i}.png")
+    argv = ["eval", "tokenizer", "--model", str(tmp_path / "tok"), "--data", str(tmp_path / "data"), "--no-fd",
+            "--json", str(tmp_path / "e.json")]
+    monkeypatch.setenv("VQKIT_HOME", str(tmp_path / "vqkit"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(perceptual, "package_file", lambda *parts: None)  # as if the lpips package were absent
+    assert main(argv) == 0  # no weights: the evaluation still runs and says why LPIPS is missing
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert "lpips_vgg" not in result and "not on this machine" in result["lpips_note"]
+    assert re.search(r"LPIPS \(VGG\)\s+not computed: its weights are not on this machine", capsys.readouterr().out)
+    vgg_path, lin_path, _, _ = lpips_files
+    (tmp_path / "vqkit").mkdir()
+    (tmp_path / "vqkit" / "vgg16-397923af.pth").write_bytes(vgg_path.read_bytes())
+    (tmp_path / "vqkit" / "lpips_vgg_v0.1.pth").write_bytes(lin_path.read_bytes())
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    expected = build_perceptual("lpips")  # the same weights, found the same way
+    model = VQModel.from_pretrained(tmp_path / "tok").eval()
+    from vqkit.data.sources import load_source
+    from vqkit.metrics.classifier import source_tensors
+
+    x = (source_tensors(load_source(str(tmp_path / "data"), "test"))[0] + 1) / 2
+    with torch.no_grad():
+        y = model.detokenize(model.tokenize(x), size=(28, 28))
+        manual = float(expected(x * 2 - 1, y * 2 - 1).mean())
+    assert result["lpips_vgg"] == pytest.approx(manual, rel=1e-5) and result["lpips_vgg"] > 0
+    assert "lpips_note" not in result
+    assert main([*argv, "--no-lpips"]) == 0
+    assert "lpips_vgg" not in json.loads((tmp_path / "e.json").read_text())

@@ -129,6 +129,11 @@ def cmd_eval_samples(args) -> int:
 
     if bool(args.prior) == bool(args.gan):
         return _error("give exactly one of --prior DIR or --gan DIR")
+    fid_network = None
+    if args.fid == "inception":  # loaded first: missing weights fail before any sampling
+        from .metrics.inception import InceptionFeatures
+
+        fid_network = InceptionFeatures(weights=args.inception_weights)
     tokenizer = None
     if args.prior:
         from .apps.generate import load_generator
@@ -145,10 +150,11 @@ def cmd_eval_samples(args) -> int:
 
         generate, text = gan_generator(DCGAN.from_pretrained(args.gan)), False
     if text:
-        result = evaluate_caption_samples(generate, args.data or "shapes", num=args.n, seed=args.seed)
+        result = evaluate_caption_samples(generate, args.data or "shapes", num=args.n, seed=args.seed,
+                                          fid_network=fid_network)
     else:
         result = evaluate_class_samples(generate, args.data or "mnist5k", per_class=args.per_class, seed=args.seed,
-                                        timing=not args.no_timing, tokenizer=tokenizer)
+                                        timing=not args.no_timing, tokenizer=tokenizer, fid_network=fid_network)
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
@@ -162,11 +168,17 @@ def _print_eval(r: dict) -> None:
             ("PSNR", f"{r['psnr']:.2f} dB"), ("SSIM", f"{r['ssim']:.4f}"),
             ("codebook usage", f"{100 * r['codebook_usage']:.1f}% ({r['codes_used']}/{r['codebook_size']})"),
             ("perplexity", f"{r['perplexity']:.1f}"),
+            ("LPIPS (VGG)", f"{r['lpips_vgg']:.4f}" if "lpips_vgg" in r
+             else f"not computed: {r.get('lpips_note', 'turned off')}"),
             ("tokens", f"{r['token_grid'][0]}x{r['token_grid'][1]}"), ("bits/image", f"{r['bits_per_image']:.0f}")]
     for key in ("fd_classifier", "fd_effnet_lite0"):
         if key in r:
             floor = f" (floor FD(TRAIN, TEST) {r['fd_floor_train_test']:.3f})" if "fd_floor_train_test" in r else ""
             rows.append((f"recon. {key}", f"{r[key]:.3f}{floor}"))
+    if "fid_inception" in r:
+        floor = f" (floor FID(TRAIN, TEST) {r['fid_inception_floor']:.3f} at the same size)" \
+            if "fid_inception_floor" in r else ""
+        rows.append(("recon. fid_inception", f"{r['fid_inception']:.3f}{floor}"))
     if "train_seconds" in r:
         rows.append(("training time", f"{r['train_seconds']:.0f} s"))
     width = max(len(k) for k, _ in rows)
@@ -353,11 +365,23 @@ def cmd_eval_tokenizer(args) -> int:
     from .data.sources import load_source
     from .evaluation import evaluate_tokenizer
 
+    fid_network = None
+    if args.fid == "inception":  # loaded first: missing weights fail before any work is done
+        from .metrics.inception import InceptionFeatures
+
+        fid_network = InceptionFeatures(weights=args.inception_weights)
     model = _load_model(args.model)
     source = load_source(args.data, args.split)
     if source.channels != model.config.in_channels:
         return _error(f"{args.data}: {source.channels}-channel images, but the tokenizer takes {model.config.in_channels}")
-    result = evaluate_tokenizer(model, source, args.batch_size, progress=True, feature_distance=not args.no_fd)
+    floor_images = None
+    if fid_network is not None:
+        from .metrics.classifier import source_tensors
+
+        floor_images = source_tensors(load_source(args.data, "train" if args.split == "test" else "test"))[0]
+    result = evaluate_tokenizer(model, source, args.batch_size, progress=True, feature_distance=not args.no_fd,
+                                fid_network=fid_network, fid_floor_images=floor_images,
+                                lpips=None if args.no_lpips else "auto")
     _print_eval(result)
     if args.json:
         from .io import atomic_write_json
@@ -503,7 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--batch-size", type=int, default=250, dest="batch_size")
     et.add_argument("--no-fd", action="store_true", dest="no_fd",
                     help="skip the reconstruction FD (it trains vqkit's classifier once, ~1-2 min, then caches it)")
+    et.add_argument("--no-lpips", action="store_true", dest="no_lpips",
+                    help="skip LPIPS (by default it is computed when its weights are on this machine)")
     et.add_argument("--json", help="also write the results to this JSON file")
+    et.add_argument("--fid", choices=["inception"],
+                    help="also the standard FID: Inception-v3 features of the FID reference (weights file "
+                    "pt_inception-2015-12-05-6726825d.pth, never downloaded; looked for in ~/.cache/vqkit and torch "
+                    "hub's cache), with its floor FID(TRAIN, TEST) at the same number of images. Slow on a CPU "
+                    "(~2-4 min per 1000 images)")
+    et.add_argument("--inception-weights", dest="inception_weights", help="path of the FID Inception weights file")
     et.set_defaults(func=cmd_eval_tokenizer)
 
     es = esub.add_parser("samples", help="class accuracy, FD/KID vs TEST (with the floor), samples/s of a generator",
@@ -532,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="masked prior: keep the most confident tokens each step, or decode in a spread-out order")
     es.add_argument("--no-timing", action="store_true", dest="no_timing", help="skip the latency measurements")
     es.add_argument("--json", help="also write the results to this JSON file")
+    es.add_argument("--fid", choices=["inception"],
+                    help="also the standard FID: Inception-v3 features of the FID reference (weights file "
+                    "pt_inception-2015-12-05-6726825d.pth, never downloaded; looked for in ~/.cache/vqkit and torch "
+                    "hub's cache), with its floor FID(TRAIN, TEST) at the same number of images. Slow on a CPU "
+                    "(~2-4 min per 1000 images)")
+    es.add_argument("--inception-weights", dest="inception_weights", help="path of the FID Inception weights file")
     es.set_defaults(func=cmd_eval_samples)
 
     demo = sub.add_parser("demo", help="the whole pipeline on MNIST-5k in one command (~15 min on 2 CPU cores)",

@@ -48,14 +48,36 @@ def reconstruction_fd(originals: torch.Tensor, reconstructions: torch.Tensor, da
     return {}
 
 
+def lpips_if_available(device: torch.device | str = "cpu"):
+    """(LPIPS module, None) when its weights are on this machine, else (None, why not): LPIPS is reported where its
+    weights are present and never makes an evaluation fail."""
+    from .losses.perceptual import LPIPS, PerceptualWeightsMissing
+
+    try:
+        return LPIPS().to(device), None
+    except PerceptualWeightsMissing:
+        return None, ("its weights are not on this machine (vgg16-397923af.pth and the lpips package's "
+                      "weights/v0.1/vgg.pth, in ~/.cache/vqkit or torch hub's cache; see perceptual.kind: lpips)")
+
+
 @torch.no_grad()
 def evaluate_tokenizer(model: VQModel, source: ImageSource, batch_size: int = 250, progress: bool = False,
-                       device: torch.device | str | None = None, feature_distance: bool = False) -> dict:
+                       device: torch.device | str | None = None, feature_distance: bool = False,
+                       fid_network=None, fid_floor_images: torch.Tensor | None = None, lpips="auto") -> dict:
     """PSNR, SSIM (mean over images), codebook usage and perplexity over the source, bits per image; with
-    ``feature_distance`` also the reconstruction FD (see reconstruction_fd)."""
+    ``feature_distance`` also the reconstruction FD (see reconstruction_fd). With ``fid_network`` (an
+    ``InceptionFeatures``) also ``fid_inception`` between the images and their reconstructions, and with
+    ``fid_floor_images`` (the other split, [-1, 1]) its floor FID(other split, these images). ``lpips``: an LPIPS
+    module, None, or "auto" (LPIPS if its weights are on this machine): the mean LPIPS (VGG) between the images and
+    their reconstructions, ``lpips_vgg``; "auto" without weights leaves it out and says why in ``lpips_note``."""
     device = device or next(model.parameters()).device
     model.eval()
-    psnrs, ssims = [], []
+    psnrs, ssims, lpips_values = [], [], []
+    lpips_note = None
+    if isinstance(lpips, str):
+        if lpips != "auto":
+            raise ValueError(f"lpips must be an LPIPS module, None or 'auto', got {lpips!r}")
+        lpips, lpips_note = lpips_if_available(device)
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
     grid = None
     originals, recons = [], []
@@ -68,13 +90,23 @@ def evaluate_tokenizer(model: VQModel, source: ImageSource, batch_size: int = 25
         counts += code_histogram(idx, model.config.codebook_size)
         psnrs.append(psnr_per_image(x, y).cpu())
         ssims.append(ssim_per_image(x, y))
-        if feature_distance:
+        if lpips is not None:
+            lpips_values.append(lpips(x * 2 - 1, y * 2 - 1).float().cpu())
+        if feature_distance or fid_network is not None:
             originals.append(x.cpu() * 2 - 1)
             recons.append(y.cpu() * 2 - 1)
     psnr = torch.cat(psnrs).numpy()
     ssim = np.concatenate(ssims)
     h, w = grid
     extra = reconstruction_fd(torch.cat(originals), torch.cat(recons), source.name, progress) if feature_distance else {}
+    if lpips is not None:
+        extra["lpips_vgg"] = float(torch.cat(lpips_values).mean())
+    elif lpips_note is not None:
+        extra["lpips_note"] = lpips_note
+    if fid_network is not None:
+        from .metrics.inception import fid_scores
+
+        extra.update(fid_scores(fid_network, torch.cat(recons), torch.cat(originals), fid_floor_images, progress))
     return {
         "data": source.name,
         "split": source.split,

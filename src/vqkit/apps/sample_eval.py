@@ -63,7 +63,7 @@ def sample_labels(dataset: str, per_class: int | None = None) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_class: int | None = None,
                            seed: int = 0, batch_size: int = 64, progress: bool = True, timing: bool = True,
-                           tokenizer=None) -> dict:
+                           tokenizer=None, fid_network=None) -> dict:
     """Class-conditional samples of every class, judged by vqkit's classifier trained on TRAIN only.
 
     FD is biased upwards by a term that shrinks with the number of images (1000 real TRAIN images score about 1.0
@@ -79,6 +79,9 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
     FD rewards copying TRAIN (TRAIN itself scores the floor), so ``train_nearest_neighbour_ratio`` says how close
     the samples sit to TRAIN in the classifier's feature space relative to TEST's images (1: as novel as new real
     images; well below 1: copies).
+
+    With ``fid_network`` (an ``InceptionFeatures``), also the standard FID of the samples against TEST,
+    ``fid_inception``, beside ``fid_inception_floor`` (FID(TRAIN, TEST) at the samples' size).
     """
     from ..metrics.classifier import fd_floor_of_features, get_classifier, source_tensors
     from ..metrics.fd import frechet_distance, kernel_distance, nearest_neighbour_ratio
@@ -115,6 +118,10 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
         reconstructions = decode_samples(tokenizer, tokenize_source(tokenizer, train, progress=False))
         recon_feats = classifier.features(reconstructions * 2 - 1)
         result["fd_tokenizer_ceiling"] = fd_floor_of_features(recon_feats, test_feats, n=len(labels))
+    if fid_network is not None:
+        from ..metrics.inception import fid_scores
+
+        result.update(fid_scores(fid_network, x, source_tensors(test)[0], source_tensors(train)[0], progress))
     if timing:
         condition_for = lambda n: {"labels": torch.arange(n) % num_classes}  # noqa: E731
         result["latency_batch1_seconds"] = time_generation(generate, condition_for, 1, repeats=5)
@@ -124,9 +131,11 @@ def evaluate_class_samples(generate: GenerateFn, dataset: str = "mnist5k", per_c
 
 @torch.no_grad()
 def evaluate_caption_samples(generate: GenerateFn, dataset: str = "shapes", num: int = 500, seed: int = 0,
-                             batch_size: int = 64, split: str = "test") -> dict:
+                             batch_size: int = 64, split: str = "test", fid_network=None) -> dict:
     """Text-conditional samples for the first ``num`` captions of ``split`` (TEST; TRAIN's serve to choose sampling
-    settings without looking at TEST), checked by measuring colour, position and shape in the images."""
+    settings without looking at TEST), checked by measuring colour, position and shape in the images. With
+    ``fid_network`` also ``fid_inception`` of the samples against those captions' images, beside its floor (as many
+    images of the other split against the same images)."""
     from ..data.shapes import caption_match
 
     source = load_source(dataset, split)
@@ -142,5 +151,13 @@ def evaluate_caption_samples(generate: GenerateFn, dataset: str = "shapes", num:
         name = f"{n}_object" + ("s" if n > 1 else "")
         by_objects[f"captions_with_{name}"] = len(hits)
         by_objects[f"match_all_with_{name}"] = sum(hits) / len(hits)
-    return {"dataset": dataset, "split": split, "num_samples": len(captions),
-            **{f"match_{k}": v for k, v in share.items()}, **by_objects}
+    result = {"dataset": dataset, "split": split, "num_samples": len(captions),
+              **{f"match_{k}": v for k, v in share.items()}, **by_objects}
+    if fid_network is not None:
+        from ..metrics.classifier import source_tensors
+        from ..metrics.inception import fid_scores
+
+        other = load_source(dataset, "train" if split == "test" else "test")
+        result.update(fid_scores(fid_network, images * 2 - 1, source_tensors(source)[0][:num],
+                                 source_tensors(other)[0]))
+    return result

@@ -6,7 +6,6 @@ Inception-v3 pool features is "FID"; over anything else it must be named after t
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -35,47 +34,58 @@ def gaussian_fit(feats) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
-def _sqrtm_unless_singular(matrix: np.ndarray) -> np.ndarray | None:
-    """scipy's sqrtm; None if the root is not finite or scipy warns that the matrix is singular (inaccurate root)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", linalg.LinAlgWarning)
-        try:
-            root = linalg.sqrtm(matrix)
-        except linalg.LinAlgWarning:
-            return None
-    return root if np.isfinite(root).all() else None
+def _sum_sqrt_eigenvalues(symmetric: np.ndarray) -> float:
+    """Sum of the square roots of a PSD matrix's eigenvalues (round-off negatives count as 0)."""
+    return float(np.sqrt(np.clip(linalg.eigvalsh(symmetric), 0.0, None)).sum())
 
 
-def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray,
-                                eps: float = 1e-6) -> float:
+def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """tr((sigma_a sigma_b)^(1/2)) for PSD covariances, exactly, singular ones included.
+
+    sigma_a sigma_b has the eigenvalues of the symmetric PSD S^(1/2) sigma_b S^(1/2) (S = sigma_a), so two symmetric
+    eigendecompositions give the trace: no general matrix square root (scipy's sqrtm, which the reference FID code
+    uses, is slower, returns complex round-off, and needs an eps added to singular covariances, which biases the
+    result)."""
+    values, vectors = linalg.eigh(sigma_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    return _sum_sqrt_eigenvalues(root_a @ sigma_b @ root_a)
+
+
+def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + tr(sigma_a + sigma_b - 2 (sigma_a sigma_b)^(1/2)) between two Gaussians."""
     mu_a, mu_b = np.atleast_1d(mu_a).astype(np.float64), np.atleast_1d(mu_b).astype(np.float64)
     sigma_a, sigma_b = np.atleast_2d(sigma_a).astype(np.float64), np.atleast_2d(sigma_b).astype(np.float64)
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
         raise ValueError(f"feature sizes differ: {mu_a.shape} vs {mu_b.shape}")
-    covmean = _sqrtm_unless_singular(sigma_a @ sigma_b)
-    if covmean is None:
-        # Singular covariances (fewer samples than dimensions, dead ReLU features): widen both Gaussians by eps in
-        # every direction. The traces below use the widened covariances too, so that the result stays the distance
-        # between two actual Gaussians (>= 0) even when the features' own variances are as small as eps.
-        sigma_a, sigma_b = sigma_a + np.eye(len(sigma_a)) * eps, sigma_b + np.eye(len(sigma_b)) * eps
-        covmean = linalg.sqrtm(sigma_a @ sigma_b)
-    if np.iscomplexobj(covmean):
-        # sqrtm of a product of PSD matrices is real in exact arithmetic; round-off leaves tiny imaginary parts.
-        largest = np.abs(covmean.imag).max()
-        if largest > MAX_IMAGINARY:
-            raise ValueError(f"matrix square root has an imaginary component of {largest:.3g}: covariances are "
-                             f"not positive semi-definite (too few samples or non-finite features?)")
-        covmean = covmean.real
     diff = mu_a - mu_b
-    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean)
+    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt_product(sigma_a, sigma_b)
     # The exact value is >= 0; round-off can leave it a hair below for (nearly) identical sets.
     return max(float(distance), 0.0)
 
 
-def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
-    """Frechet distance between Gaussian fits of two feature sets [N_a, D] and [N_b, D]."""
-    return frechet_distance_from_stats(*gaussian_fit(feats_a), *gaussian_fit(feats_b), eps=eps)
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussian fits (mean, unbiased covariance) of feature sets [N_a, D] and [N_b, D].
+
+    With fewer images than feature dimensions (e.g. 1000 images of 2048 Inception features) the covariances are
+    singular and the work is done in sample space instead: with centred features A and B, the non-zero eigenvalues
+    of sigma_a sigma_b are those of (A B^T)(A B^T)^T / ((N_a - 1)(N_b - 1)), a matrix of side min(N_a, N_b), so the
+    trace term needs no D x D matrix at all. Both routes give the same number."""
+    a, b = _as_matrix(feats_a), _as_matrix(feats_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"need at least 2 feature vectors to fit a covariance, got {min(len(a), len(b))}")
+    if min(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance_from_stats(*gaussian_fit(a), *gaussian_fit(b))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    a, b = a - mu_a, b - mu_b
+    scale = (len(a) - 1) * (len(b) - 1)
+    cross = a @ b.T
+    gram = cross @ cross.T if len(a) <= len(b) else cross.T @ cross
+    diff = mu_a - mu_b
+    distance = (diff @ diff + (a * a).sum() / (len(a) - 1) + (b * b).sum() / (len(b) - 1)
+                - 2.0 * _sum_sqrt_eigenvalues(gram / scale))
+    return max(float(distance), 0.0)
 
 
 class KernelDistance(NamedTuple):
