@@ -294,3 +294,39 @@ def test_distill_samples_default_to_ten_times_train(tokenizer_dir, tmp_path, mon
     assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
                  str(tmp_path / "p"), "--stop-at", "0", "--teacher", str(tmp_path / "any"), *TINY_PRIOR]) == 0
     assert asked and set(asked) == {40000}  # TRAIN has 4000 grids
+
+
+def test_a_prior_can_start_from_another_priors_weights(tokenizer_dir, tmp_path):
+    """init_from: a masked prior starts from an autoregressive prior's weights (same tokenizer, same sizes); other
+    tokenizers and other sizes are refused before any step."""
+    from vqkit.models.prior import TokenPrior
+    from vqkit.training.config import ConfigError
+    from vqkit.training.run import load_initial_weights
+
+    ar = tmp_path / "ar"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(ar),
+                 "--mode", "ar", "--steps", "3", *TINY_PRIOR]) == 0
+    source = TokenPrior.from_pretrained(ar)
+    masked = TokenPrior(**{**source.config.to_dict(), "mode": "mask"})
+    before = masked.blocks[0].attn.qkv.weight.clone()
+    load_initial_weights(masked, ar, tokenizer_dir, verbose=False)
+    theirs = source.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in masked.state_dict().items() if k != "pos_emb")
+    # the AR sequence's extra position (its start token): positions line up by the image token they predict
+    assert len(theirs["pos_emb"]) == len(masked.pos_emb) + 1
+    assert torch.equal(masked.pos_emb, theirs["pos_emb"][:-1])
+    assert not torch.equal(before, masked.blocks[0].attn.qkv.weight)
+    # through the CLI: the run trains from those weights and records where they came from
+    out = tmp_path / "mask"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(out),
+                 "--mode", "mask", "--steps", "2", *TINY_PRIOR, f"init_from={ar}"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["init_from"] == str(ar)
+    # refused: other sizes, another tokenizer, no prior there
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "b1"), "--steps", "2", *TINY_PRIOR, "prior.d_model=48", f"init_from={ar}"]) == 2
+    other_tok = tmp_path / "other_tok"
+    assert main(["train", "tokenizer", "--data", "mnist5k", "--out", str(other_tok), *TINY_TOKENIZER]) == 0
+    with pytest.raises(ConfigError, match="belongs to the tokenizer"):
+        load_initial_weights(masked, ar, other_tok, verbose=False)
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "b3"), "--steps", "2", *TINY_PRIOR, f"init_from={tmp_path / 'nothing'}"]) == 2

@@ -134,6 +134,10 @@ class PriorTrainConfig:
     # autoregressive teachers' outputs (Kim & Rush 2016, Gu et al. 2018).
     distill_from: str | None = None
     distill_samples: int = 0  # 0 with distill_from: ten times as many as TRAIN has
+    # Start from the weights of a trained prior over the same tokenizer (same sizes; the mode may differ: a masked
+    # prior can start from an autoregressive one, whose token and condition embeddings and attention layers carry
+    # over, the causal mask being the only difference). Only for a fresh run; a resumed run reads its checkpoint.
+    init_from: str | None = None
     steps: int = 3000
     batch_size: int = 64
     seed: int = 0

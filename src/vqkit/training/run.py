@@ -99,6 +99,34 @@ def caption_words(cfg, train_tokens, test_tokens, text_vocab: str | None) -> lis
     return words
 
 
+def load_initial_weights(prior, init_dir: str | Path, tokenizer_dir: str | Path, verbose: bool = True) -> None:
+    """Copy a trained prior's weights into ``prior`` (``init_from``). Both must belong to the same tokenizer and have
+    the same parameter names and shapes; anything else is refused with what differs."""
+    from ..apps.generate import resolve_tokenizer_path
+    from ..models.prior import TokenPrior
+
+    init_dir = Path(init_dir)
+    source = TokenPrior.from_pretrained(init_dir)
+    source_tokenizer = resolve_tokenizer_path(init_dir, source.config.tokenizer)
+    if source_tokenizer.resolve() != Path(tokenizer_dir).resolve():
+        raise ConfigError(f"init_from={init_dir}: that prior belongs to the tokenizer {source_tokenizer}, this run "
+                          f"to {tokenizer_dir}; its weights would mean other codes")
+    theirs, ours = source.state_dict(), prior.state_dict()
+    if source.config.mode == "ar" and prior.config.mode == "mask" and "pos_emb" in theirs and "pos_emb" in ours:
+        # An AR sequence has one more position (its start token). Its hidden state at position p (the condition's
+        # positions, then the start token and the image tokens) predicts image token p - len(condition); a masked
+        # prior predicts each token at that token's own position, so the first positions line up by what they predict.
+        theirs["pos_emb"] = theirs["pos_emb"][:len(ours["pos_emb"])]
+    differ = sorted(k for k in set(theirs) | set(ours)
+                    if k not in theirs or k not in ours or theirs[k].shape != ours[k].shape)
+    if differ:
+        raise ConfigError(f"init_from={init_dir}: its parameters do not fit this prior's (different sizes or "
+                          f"conditioning): {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}")
+    prior.load_state_dict(theirs)
+    if verbose:
+        print(f"initialised from {init_dir} ({source.config.mode} prior)")
+
+
 def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: bool = False,
                 stop_at: int | None = None, progress: bool = True, resume_overrides: dict | None = None) -> dict | None:
     """Train (or resume) a TokenPrior over the tokens that ``tokenizer_dir`` gives the configured data."""
@@ -160,5 +188,7 @@ def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: boo
             print(f"prior: {cfg.prior.mode}, {cfg.prior.n_layers} layers x {cfg.prior.d_model}; device {device}")
     torch.manual_seed(cfg.seed)
     prior = TokenPrior(cfg.prior)
+    if cfg.init_from and not resume:
+        load_initial_weights(prior, cfg.init_from, tokenizer_dir, progress and D.is_main_process())
     task = PriorTask(cfg, prior, tokenizer, device, train_tokens, test_tokens)
     return Trainer(task, cfg, out_dir, train_tokens, resume=resume, stop_at=stop_at, progress=progress).run()
