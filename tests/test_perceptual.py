@@ -263,3 +263,8 @@ def test_eval_tokenizer_reports_lpips_when_its_weights_are_present(lpips_files, 
     assert "lpips_note" not in result
     assert main([*argv, "--no-lpips"]) == 0
     assert "lpips_vgg" not in json.loads((tmp_path / "e.json").read_text())
+    # a broken weight file is reported, and the rest of the evaluation still comes out
+    (tmp_path / "vqkit" / "lpips_vgg_v0.1.pth").write_bytes(b"not a checkpoint")
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert "could not be read" in result["lpips_note"] and "psnr" in result

@@ -58,6 +58,8 @@ def lpips_if_available(device: torch.device | str = "cpu"):
     except PerceptualWeightsMissing:
         return None, ("its weights are not on this machine (vgg16-397923af.pth and the lpips package's "
                       "weights/v0.1/vgg.pth, in ~/.cache/vqkit or torch hub's cache; see perceptual.kind: lpips)")
+    except ValueError as e:  # a broken weight file (VQKitFileError) must not cost the rest of the evaluation
+        return None, f"its weights could not be read: {e}"
 
 
 @torch.no_grad()
