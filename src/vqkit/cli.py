@@ -24,6 +24,15 @@ def _add_images_arg(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--images", required=True, help=help_text)
 
 
+def _add_fid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fid", choices=["inception"],
+                   help="also the standard FID: Inception-v3 features of the FID reference (weights file "
+                   "pt_inception-2015-12-05-6726825d.pth, never downloaded; looked for in ~/.cache/vqkit and torch "
+                   "hub's cache), with its floor FID(TRAIN, TEST) at the same number of images. Slow on a CPU "
+                   "(~2-4 min per 1000 images)")
+    p.add_argument("--inception-weights", dest="inception_weights", help="path of the FID Inception weights file")
+
+
 def _error(msg: str) -> int:
     print(f"vqkit: error: {msg}", file=sys.stderr)
     return 2
@@ -530,12 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--no-lpips", action="store_true", dest="no_lpips",
                     help="skip LPIPS (by default it is computed when its weights are on this machine)")
     et.add_argument("--json", help="also write the results to this JSON file")
-    et.add_argument("--fid", choices=["inception"],
-                    help="also the standard FID: Inception-v3 features of the FID reference (weights file "
-                    "pt_inception-2015-12-05-6726825d.pth, never downloaded; looked for in ~/.cache/vqkit and torch "
-                    "hub's cache), with its floor FID(TRAIN, TEST) at the same number of images. Slow on a CPU "
-                    "(~2-4 min per 1000 images)")
-    et.add_argument("--inception-weights", dest="inception_weights", help="path of the FID Inception weights file")
+    _add_fid_args(et)
     et.set_defaults(func=cmd_eval_tokenizer)
 
     es = esub.add_parser("samples", help="class accuracy, FD/KID vs TEST (with the floor), samples/s of a generator",
@@ -564,12 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="masked prior: keep the most confident tokens each step, or decode in a spread-out order")
     es.add_argument("--no-timing", action="store_true", dest="no_timing", help="skip the latency measurements")
     es.add_argument("--json", help="also write the results to this JSON file")
-    es.add_argument("--fid", choices=["inception"],
-                    help="also the standard FID: Inception-v3 features of the FID reference (weights file "
-                    "pt_inception-2015-12-05-6726825d.pth, never downloaded; looked for in ~/.cache/vqkit and torch "
-                    "hub's cache), with its floor FID(TRAIN, TEST) at the same number of images. Slow on a CPU "
-                    "(~2-4 min per 1000 images)")
-    es.add_argument("--inception-weights", dest="inception_weights", help="path of the FID Inception weights file")
+    _add_fid_args(es)
     es.set_defaults(func=cmd_eval_samples)
 
     demo = sub.add_parser("demo", help="the whole pipeline on MNIST-5k in one command (~15 min on 2 CPU cores)",
