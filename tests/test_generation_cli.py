@@ -195,6 +195,20 @@ def test_eval_samples_applies_the_sampling_options(tokenizer_dir, tmp_path, monk
     assert used[-1] == {**saved, "order": "halton", "top_p": 0.9, "guidance_scale": 1.5, "steps": 4}
     result = json.loads(out.read_text())
     assert result["num_samples"] == 20 and 0 <= result["class_accuracy"] <= 1 and result["fd"] >= 0
+    # --fid inception adds the standard FID beside its floor (random Inception weights; its features are replaced by
+    # a cheap pooling here, since 5000 real images through Inception take minutes: this checks the plumbing)
+    import torch.nn.functional as F
+
+    from vqkit.metrics import inception
+
+    weights = tmp_path / "inception.pth"
+    torch.save(inception.FIDInceptionV3().state_dict(), weights)
+    monkeypatch.setattr(inception.InceptionFeatures, "features",
+                        lambda self, x, **kw: F.adaptive_avg_pool2d(x.float(), 3).flatten(1))
+    assert main(["eval", "samples", "--prior", str(prior), "--per-class", "2", "--no-timing", "--fid", "inception",
+                 "--inception-weights", str(weights), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["fid_inception"] > 0 and result["fid_inception_floor"] > 0 and "fd" in result
 
 
 def test_shift_images_moves_content_by_whole_pixels():
