@@ -130,6 +130,24 @@ def token_set(tokenizer: VQModel, source: ImageSource, conditioning: str, cache:
     return TokenSet(tokens, labels, captions, source.name, source.split, conditioning)
 
 
+def load_prior_of_tokenizer(prior_dir: str | Path, tokenizer_dir: str | Path, option: str,
+                            device: str | torch.device = "cpu") -> TokenPrior:
+    """The trained prior in ``prior_dir`` for a run over ``tokenizer_dir`` (``option`` names the setting that asked
+    for it, e.g. distill_from or init_from); refused when there is none or when it belongs to another tokenizer,
+    whose codes would mean other images."""
+    from ..training.config import ConfigError
+
+    prior_dir = Path(prior_dir)
+    if not (prior_dir / "config.json").is_file():
+        raise ConfigError(f"{option}: {prior_dir} holds no trained prior (no config.json)")
+    prior = TokenPrior.from_pretrained(prior_dir, device=device)
+    recorded = resolve_tokenizer_path(prior_dir, prior.config.tokenizer)
+    if recorded.resolve() != Path(tokenizer_dir).resolve():
+        raise ConfigError(f"{option}: the prior in {prior_dir} belongs to the tokenizer {recorded}, not "
+                          f"{tokenizer_dir}; its codes would mean other images")
+    return prior
+
+
 def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir: str | Path, n: int,
                          cache: Path | None = None, seed: int = 0, progress: bool = True,
                          batch_size: int = 256, device: str | torch.device = "cpu") -> TokenSet:
@@ -143,13 +161,8 @@ def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir
     from ..training.config import ConfigError
 
     teacher_dir = Path(teacher_dir)
-    if not (teacher_dir / "config.json").is_file():
-        raise ConfigError(f"distill_from: {teacher_dir} holds no trained prior (no config.json)")
-    teacher = TokenPrior.from_pretrained(teacher_dir, device=device)
+    teacher = load_prior_of_tokenizer(teacher_dir, tokenizer_dir, "distill_from", device)
     tc = teacher.config
-    if resolve_tokenizer_path(teacher_dir, tc.tokenizer).resolve() != Path(tokenizer_dir).resolve():
-        raise ConfigError(f"distill_from: the prior in {teacher_dir} belongs to another tokenizer "
-                          f"({tc.tokenizer}), not {tokenizer_dir}")
     wanted = {"class": "class labels", "text": "captions", "none": "no condition"}[train.conditioning]
     has = "class labels" if tc.num_classes else "captions" if tc.text_vocab else "no condition"
     if has != wanted or (tc.num_classes and int(torch.as_tensor(train.labels).max()) >= tc.num_classes):

@@ -227,8 +227,10 @@ def find_inception_weights(weights: str | os.PathLike | None = None) -> Path:
         if not path.is_file():
             raise InceptionWeightsMissing(f"{path}: no such file (the FID Inception weights, {INCEPTION_FILES[0]})")
         return path
+    from ..losses.perceptual import first_existing
+
     candidates = inception_weight_candidates()
-    found = next((path for path in candidates if path.is_file()), None)
+    found = first_existing(candidates)
     if found is None:
         looked = "\n".join(f"    {path}" for path in candidates)
         raise InceptionWeightsMissing(

@@ -102,15 +102,9 @@ def caption_words(cfg, train_tokens, test_tokens, text_vocab: str | None) -> lis
 def load_initial_weights(prior, init_dir: str | Path, tokenizer_dir: str | Path, verbose: bool = True) -> None:
     """Copy a trained prior's weights into ``prior`` (``init_from``). Both must belong to the same tokenizer and have
     the same parameter names and shapes; anything else is refused with what differs."""
-    from ..apps.generate import resolve_tokenizer_path
-    from ..models.prior import TokenPrior
+    from ..apps.generate import load_prior_of_tokenizer
 
-    init_dir = Path(init_dir)
-    source = TokenPrior.from_pretrained(init_dir)
-    source_tokenizer = resolve_tokenizer_path(init_dir, source.config.tokenizer)
-    if source_tokenizer.resolve() != Path(tokenizer_dir).resolve():
-        raise ConfigError(f"init_from={init_dir}: that prior belongs to the tokenizer {source_tokenizer}, this run "
-                          f"to {tokenizer_dir}; its weights would mean other codes")
+    source = load_prior_of_tokenizer(init_dir, tokenizer_dir, "init_from")
     theirs, ours = source.state_dict(), prior.state_dict()
     if source.config.mode == "ar" and prior.config.mode == "mask" and "pos_emb" in theirs and "pos_emb" in ours:
         # An AR sequence has one more position (its start token). Its hidden state at position p (the condition's
