@@ -84,6 +84,10 @@ def classifier_dir(dataset: str, recipe: ClassifierRecipe = DEFAULT_RECIPE) -> P
     return cache_root() / "classifiers" / f"{readable}-{recipe_hash(dataset, recipe)}"
 
 
+class UnlabelledSourceError(ValueError):
+    """A vqkit classifier was asked for on a source without labels."""
+
+
 class SmallCNN(nn.Module):
     """Stages of 3x3 conv + BatchNorm + ReLU, each closed by a 2x2 max-pool; pooled to a grid, flattened, then
     linear + ReLU (the features), dropout and the linear classifier.
@@ -158,8 +162,8 @@ def train_network(source: ImageSource, recipe: ClassifierRecipe, device: str = "
                   progress: bool = True) -> SmallCNN:
     """Train a SmallCNN on a labelled source (pass its TRAIN split), deterministically for a given recipe.seed."""
     if not source.has_labels:
-        raise ValueError(f"{source.name}: the feature classifier needs labels; for unlabelled photos use "
-                         f"EffNetPooledFeatures (fd_effnet_lite0)")
+        raise UnlabelledSourceError(f"{source.name}: the feature classifier needs labels; for unlabelled photos use "
+                                    f"EffNetPooledFeatures (fd_effnet_lite0)")
     images, labels = _training_subset(*source_tensors(source), recipe)
     device = torch.device(device)
     # Weight init and dropout draw from the global RNG: seed it for reproducibility, then give the caller's back.

@@ -52,6 +52,13 @@ def prepare_run_dir(out_dir: Path, cfg: TrainConfig | None, resume: bool, overri
     return cfg
 
 
+def write_run_config(out_dir: Path, config: dict, resume: bool) -> None:
+    """The run's train_config.json (rank 0; not on resume, where the saved one stays): what marks a folder as a run."""
+    if D.is_main_process() and not resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / RUN_CONFIG, config)
+
+
 def train_tokenizer(cfg: TrainConfig | None, out_dir: str | Path, resume: bool = False, stop_at: int | None = None,
                     progress: bool = True, resume_overrides: dict | None = None) -> dict | None:
     """Train (or resume) a tokenizer into ``out_dir``; returns the TEST evaluation (None if stopped early)."""
@@ -65,17 +72,16 @@ def train_tokenizer(cfg: TrainConfig | None, out_dir: str | Path, resume: bool =
     # the model takes its input shape from the data
     cfg.model = dataclasses.replace(cfg.model, in_channels=train_src.channels, out_channels=train_src.channels,
                                     image_size=int(train_src.image_size[0]))
-    if D.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            atomic_write_json(out_dir / RUN_CONFIG, cfg.to_dict())
-        if progress:
-            print(f"data: {train_src.describe()}; {test_src.describe()}")
-            print(f"model: {cfg.model.token_grid()[0]}x{cfg.model.token_grid()[1]} tokens, K={cfg.model.codebook_size}, "
-                  f"{cfg.model.bits_per_image():.0f} bits/image; device {device}; {D.world_size()} process(es)")
+    if D.is_main_process() and progress:
+        print(f"data: {train_src.describe()}; {test_src.describe()}")
+        print(f"model: {cfg.model.token_grid()[0]}x{cfg.model.token_grid()[1]} tokens, K={cfg.model.codebook_size}, "
+              f"{cfg.model.bits_per_image():.0f} bits/image; device {device}; {D.world_size()} process(es)")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = VQModel(cfg.model)
     task = TokenizerTask(cfg, model, device, test_src)
+    # The run's config is written only once everything it names could be built (a perceptual network whose weights
+    # are missing, say): a failed start leaves no run behind that a corrected command would refuse to overwrite.
+    write_run_config(out_dir, cfg.to_dict(), resume)
     return Trainer(task, cfg, out_dir, train_src, resume=resume, stop_at=stop_at, progress=progress).run()
 
 
@@ -174,15 +180,13 @@ def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: boo
         num_classes=train_src.num_classes if conditioning == "class" else None, text_vocab=text_vocab,
         text_words=caption_words(cfg, train_tokens, test_tokens, text_vocab),
         tokenizer=record_tokenizer_path(out_dir, Path(tokenizer_dir)))
-    if D.is_main_process():
-        if not resume:
-            atomic_write_json(out_dir / RUN_CONFIG, {"tokenizer_dir": str(Path(tokenizer_dir).resolve()), **cfg.to_dict()})
-        if progress:
-            print(f"tokens: {train_tokens.describe()}; {test_tokens.describe()}")
-            print(f"prior: {cfg.prior.mode}, {cfg.prior.n_layers} layers x {cfg.prior.d_model}; device {device}")
+    if D.is_main_process() and progress:
+        print(f"tokens: {train_tokens.describe()}; {test_tokens.describe()}")
+        print(f"prior: {cfg.prior.mode}, {cfg.prior.n_layers} layers x {cfg.prior.d_model}; device {device}")
     torch.manual_seed(cfg.seed)
     prior = TokenPrior(cfg.prior)
     if cfg.init_from and not resume:
         load_initial_weights(prior, cfg.init_from, tokenizer_dir, progress and D.is_main_process())
     task = PriorTask(cfg, prior, tokenizer, device, train_tokens, test_tokens)
+    write_run_config(out_dir, {"tokenizer_dir": str(Path(tokenizer_dir).resolve()), **cfg.to_dict()}, resume)
     return Trainer(task, cfg, out_dir, train_tokens, resume=resume, stop_at=stop_at, progress=progress).run()
