@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -268,3 +270,102 @@ def test_eval_tokenizer_reports_lpips_when_its_weights_are_present(lpips_files, 
     assert main(argv) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert "could not be read" in result["lpips_note"] and "psnr" in result
+
+
+# ------------------------------------------------------------------------------------ vqkit's own classifier features
+
+# A few dozen steps on a subset: enough for features that see strokes, fast enough for CI.
+TINY_PERCEPTUAL = {"stage_widths": [[4], [8]], "grid": 2, "hidden": 16, "epochs": 1, "batch_size": 32,
+                   "max_train_images": 512, "max_steps": 30}
+
+
+@pytest.fixture(scope="module")
+def digits_distance(tmp_path_factory):
+    import os
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("VQKIT_CACHE")
+    os.environ["VQKIT_CACHE"] = str(cache)
+    try:
+        yield build_perceptual("classifier", dataset="mnist5k", recipe=TINY_PERCEPTUAL, progress=False), cache
+    finally:
+        if old is None:
+            os.environ.pop("VQKIT_CACHE")
+        else:
+            os.environ["VQKIT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    from vqkit.data import load_source
+
+    test = load_source("mnist5k", "test")
+    return torch.stack([test[i][0] for i in range(0, 1000, 125)])
+
+
+def test_classifier_distance_zero_symmetric_frozen_and_differentiable(digits_distance, digits):
+    distance, _ = digits_distance
+    other = digits.roll(1, dims=0)
+    assert torch.allclose(distance(digits, digits), torch.zeros(len(digits)), atol=1e-6)
+    assert torch.allclose(distance(digits, other), distance(other, digits), atol=1e-6)
+    assert (distance(digits, other) > 0).all()
+    distance.train()
+    assert not distance.training and not any(p.requires_grad for p in distance.parameters())
+    x = digits.clone().requires_grad_(True)
+    distance(x, other).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_classifier_distance_grows_with_blur_and_noise(digits_distance, digits):
+    distance, _ = digits_distance
+    blur = [distance(gaussian_blur(digits, s), digits).mean().item() for s in (0.5, 1.0, 2.0)]
+    noise = [distance(with_noise(digits, s), digits).mean().item() for s in (0.05, 0.2, 0.5)]
+    assert 0 < blur[0] < blur[1] < blur[2]
+    assert 0 < noise[0] < noise[1] < noise[2]
+
+
+def test_classifier_distance_is_not_the_fd_network_and_checks_channels(digits_distance, digits):
+    from vqkit.losses.perceptual import perceptual_classifier_recipe
+    from vqkit.metrics.classifier import DEFAULT_RECIPE, classifier_dir
+
+    distance, cache = digits_distance
+    # FD's classifier and the loss's one are different networks, cached apart
+    assert perceptual_classifier_recipe() != DEFAULT_RECIPE
+    assert classifier_dir("mnist5k", perceptual_classifier_recipe()) != classifier_dir("mnist5k", DEFAULT_RECIPE)
+    assert len(list((cache / "classifiers").iterdir())) == 1  # trained once, on TRAIN, for this recipe
+    with pytest.raises(ValueError, match="classifier.*takes images \\[B, 1, H, W\\]"):
+        distance(digits.repeat(1, 3, 1, 1), digits.repeat(1, 3, 1, 1))
+    # other sizes are resized to the classifier's 28x28
+    big = F.interpolate(digits, size=(32, 32), mode="bilinear", align_corners=False)
+    assert distance(big, big).abs().max() < 1e-6
+
+
+def test_tokenizer_trains_with_the_classifier_perceptual_term(digits_distance, tmp_path):
+    from vqkit.training import resolve_config, train_tokenizer
+
+    _, cache = digits_distance
+    tiny = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.z_channels=8", "model.embed_dim=8",
+            "model.mid_attention=false", "model.codebook_size=32", "batch_size=8", "optim.warmup_steps=1",
+            "image_every=0", "eval_batch_size=500", "steps=2", "log_every=1", "perceptual.kind=classifier",
+            "perceptual.weight=0.5", f"perceptual.options={{recipe: {TINY_PERCEPTUAL}}}"]
+    train_tokenizer(resolve_config("mnist5k", overrides=tiny), tmp_path / "run", progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["p_loss"] > 0 for row in logged if "p_loss" in row) and any("p_loss" in row for row in logged)
+    assert len(list((cache / "classifiers").iterdir())) == 1  # the fixture's cached network was reused
+
+
+def test_classifier_perceptual_refuses_unlabelled_data_and_leaves_no_run(tmp_path, capsys):
+    from vqkit.cli import main
+
+    out = tmp_path / "run"
+    tiny = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.z_channels=8", "model.embed_dim=8",
+            "model.codebook_size=32", "steps=1", "image_every=0", "data.image_size=16"]
+    assert main(["train", "tokenizer", "--data", "photos", "--out", str(out), *tiny,
+                 "perceptual.kind=classifier"]) == 2
+    assert "has none; use perceptual.kind=effnet" in capsys.readouterr().err
+    # a failed start leaves nothing that the corrected command would refuse to overwrite
+    assert not (out / "train_config.json").exists()
+    assert main(["train", "tokenizer", "--data", "mnist5k", "--out", str(out), *tiny[:-1],
+                 "perceptual.kind=nonsense"]) == 2
+    assert "unknown perceptual loss 'nonsense'" in capsys.readouterr().err
+    assert not (out / "train_config.json").exists()

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..io import VQKitFileError, read_safetensors
 
-PERCEPTUAL_KINDS = ("none", "lpips", "effnet")
+PERCEPTUAL_KINDS = ("none", "lpips", "effnet", "classifier")
 DEFAULT_MIN_SIZE = 32
 
 
@@ -379,15 +379,79 @@ class EffNetFeatureDistance(FrozenDistance):
         return distance / len(self.stages)
 
 
+# ---------------------------------------------------------------------------------------------- vqkit's own classifier
+
+
+def perceptual_classifier_recipe():
+    """The recipe of the ``classifier`` perceptual network: a different network from the one behind FD.
+
+    FD (``vqkit.metrics.classifier.DEFAULT_RECIPE``) is computed on pooled penultimate features of a 3-stage CNN with
+    one conv per stage, seed 0. The perceptual network has two convs in its first two stages and seed 1, and the loss
+    reads its spatial conv maps, never the pooled features: the analogue of training a VQGAN with LPIPS (VGG16) and
+    measuring it with FID (Inception-v3), two ImageNet networks, not one. A loss on the metric's own features would
+    only teach the tokenizer to please that one network.
+    """
+    from ..metrics.classifier import ClassifierRecipe
+
+    return ClassifierRecipe(stage_widths=((32, 32), (64, 64), (128,)), seed=1)
+
+
+class ClassifierFeatureDistance(FrozenDistance):
+    """Mean over the stages of a vqkit-trained classifier of the squared distance between unit-normalised features.
+
+    For labelled sources with no ImageNet-like network that fits them (28x28 digits): the classifier is trained on
+    the dataset's TRAIN split by ``perceptual_classifier_recipe()`` the first time and cached like FD's (see
+    ``vqkit.metrics.classifier.get_classifier``). Images must have the classifier's channels; other sizes are resized
+    to its training size. Per stage the value lies in [0, 4], as for ``EffNetFeatureDistance``.
+    """
+
+    def __init__(self, dataset: str = "mnist5k", recipe=None, progress: bool = True):
+        super().__init__()
+        from ..metrics.classifier import ClassifierRecipe, UnlabelledSourceError, get_classifier
+
+        if isinstance(recipe, dict):  # from a config file: perceptual.options.recipe
+            recipe = ClassifierRecipe.from_dict({**perceptual_classifier_recipe().to_dict(), **recipe})
+        try:
+            classifier = get_classifier(dataset, progress=progress, recipe=recipe or perceptual_classifier_recipe())
+        except UnlabelledSourceError:
+            raise ValueError(f"perceptual 'classifier' trains a classifier on the labels of {dataset}'s TRAIN split, "
+                             f"and {dataset} has none; use perceptual.kind=effnet (ImageNet features) for unlabelled "
+                             f"images") from None
+        self.dataset, self.channels, self.image_size = dataset, classifier.channels, classifier.image_size
+        self.body = classifier.network.body
+        # Each stage's last ReLU, the one just before its max-pool: full-resolution maps at 1, 1/2 and 1/4 of the image.
+        layers = list(self.body)
+        self.taps = tuple(i - 1 for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d))
+        self.freeze()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"perceptual 'classifier' ({self.dataset}) takes images [B, {self.channels}, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        both = torch.cat([x, y]).float()
+        if tuple(both.shape[-2:]) != self.image_size:
+            both = F.interpolate(both, size=self.image_size, mode="bilinear", align_corners=False)
+        distance = 0
+        for index, layer in enumerate(self.body[:self.taps[-1] + 1]):
+            both = layer(both)
+            if index in self.taps:
+                fx, fy = unit_normalize(both).chunk(2)
+                distance = distance + (fx - fy).pow(2).sum(dim=1).mean(dim=(1, 2))
+        return distance / len(self.taps)
+
+
 # -------------------------------------------------------------------------------------------------------------- factory
 
 
 def build_perceptual(kind: str = "none", **options) -> nn.Module | None:
-    """``"none"`` -> None; ``"lpips"`` -> LPIPS(**options); ``"effnet"`` -> EffNetFeatureDistance(**options)."""
+    """``"none"`` -> None; ``"lpips"`` -> LPIPS(**options); ``"effnet"`` -> EffNetFeatureDistance(**options);
+    ``"classifier"`` -> ClassifierFeatureDistance(**options) (``dataset=`` the training source)."""
     if kind in (None, "none"):
         return None
     if kind == "lpips":
         return LPIPS(**options)
     if kind == "effnet":
         return EffNetFeatureDistance(**options)
+    if kind == "classifier":
+        return ClassifierFeatureDistance(**options)
     raise ValueError(f"unknown perceptual loss {kind!r}; use one of {', '.join(PERCEPTUAL_KINDS)}")

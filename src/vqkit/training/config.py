@@ -71,6 +71,7 @@ class GANConfig:
 @dataclass
 class PerceptualConfig:
     kind: str = "none"  # none | lpips (VGG16 + learned heads; weights needed) | effnet (EfficientNet-Lite0 features)
+    # | classifier (conv features of a classifier vqkit trains on the data's TRAIN split; labelled sources)
     weight: float = 1.0
     options: dict = field(default_factory=dict)  # e.g. vgg_weights / lpips_weights paths for lpips
 

@@ -72,7 +72,10 @@ class TokenizerTask:
         if cfg.perceptual.kind != "none":
             from ..losses.perceptual import build_perceptual
 
-            self.perceptual = build_perceptual(cfg.perceptual.kind, **cfg.perceptual.options).to(device)
+            options = dict(cfg.perceptual.options)
+            if cfg.perceptual.kind == "classifier":  # trained on (and cached for) the source this tokenizer learns
+                options.setdefault("dataset", cfg.data.source)
+            self.perceptual = build_perceptual(cfg.perceptual.kind, **options).to(device)
         self.gan = _GAN(cfg, model.config.out_channels, device) if cfg.gan.enabled else None
 
     def state(self) -> dict:
