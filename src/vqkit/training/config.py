@@ -77,12 +77,21 @@ class PerceptualConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Random changes to the tokenizer's training images (never to TEST), drawn per (seed, step): resume is exact."""
+
+    hflip: bool = False  # mirror left-right with probability 1/2 (photos; not digits or text)
+    channel_permute: bool = False  # RGB: one of the 6 orders of the colour channels, for hues the data lacks
+
+
+@dataclass
 class TrainConfig:
     model: VQModelConfig = field(default_factory=VQModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     steps: int = 3000
     batch_size: int = 64  # global batch; split evenly across ranks under torchrun
     loss: str = "l2"  # reconstruction loss: l1 | l2 | l1+l2

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as D
+from ..data.augment import augment_images
 from ..data.images import make_grid, save_image
 from ..data.sources import ImageSource
 from ..evaluation import evaluate_tokenizer
@@ -97,6 +98,8 @@ class TokenizerTask:
             group["lr"] = lr
         self.model.train()
         x = images.to(self.device, non_blocking=True).float()
+        x = augment_images(x, hflip=cfg.augment.hflip, channel_permute=cfg.augment.channel_permute, seed=cfg.seed,
+                           step=step, rank=D.rank())
         logs: dict[str, float] = {}
         with autocast_context(cfg, self.device):
             out = self.net(x)
