@@ -24,6 +24,15 @@ def vqkit(*args: str) -> float:
     return time.time() - t0
 
 
+@torch.no_grad()
+def reconstruct(model_dir: str | Path, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Reconstructions in [-1, 1] of images [N, C, H, W] in [-1, 1] by the tokenizer saved in ``model_dir``."""
+    from vqkit import VQModel
+
+    model = VQModel.from_pretrained(model_dir).eval()
+    return torch.cat([model(x).reconstruction.clamp(-1, 1) for x in images.split(batch_size)])
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),

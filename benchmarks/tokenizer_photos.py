@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import vqkit, write_results
+from _common import reconstruct, vqkit, write_results
 
 PATCH, CODES = 8, 1024
 
 
 def test_tiles() -> torch.Tensor:
     from vqkit.data import load_source
+    from vqkit.metrics.classifier import source_tensors
 
-    test = load_source("photos", "test")
-    return torch.stack([test[i][0] for i in range(len(test))])  # [N, 3, 64, 64] in [-1, 1]
+    return source_tensors(load_source("photos", "test"))[0]  # [N, 3, 64, 64] in [-1, 1]
 
 
 def kmeans_patch_baseline(test: torch.Tensor, crops: int = 3000, seed: int = 0) -> tuple[dict, torch.Tensor]:
@@ -61,14 +61,6 @@ def kmeans_patch_baseline(test: torch.Tensor, crops: int = 3000, seed: int = 0) 
     row = {"name": f"k-means {PATCH}x{PATCH} RGB patches, K={CODES}", "codebook_usage": float((counts > 0).mean()),
            "bits_per_image": h * w * float(np.log2(CODES)), "train_seconds": round(seconds, 1)}
     return row, recon
-
-
-@torch.no_grad()
-def reconstruct(folder: Path, test: torch.Tensor) -> torch.Tensor:
-    from vqkit import VQModel
-
-    model = VQModel.from_pretrained(folder).eval()
-    return torch.cat([model(x).reconstruction.clamp(-1, 1) for x in test.split(16)])
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import torch
-from _common import vqkit, write_results
+from _common import reconstruct, vqkit, write_results
 
 # A second digit classifier, unlike FD's (two convs per stage, narrower, seed 2): a cross-check, not the bar's metric.
 CHECK_RECIPE = dict(stage_widths=((16, 16), (32, 32), (64, 64)), hidden=64, seed=2)
@@ -35,7 +35,6 @@ def cross_check_networks() -> dict:
 @torch.no_grad()
 def cross_check(model_dirs: list[Path]) -> tuple[dict, list[dict]]:
     """(floors, one dict per model) of recon FD under the cross-check networks."""
-    from vqkit import VQModel
     from vqkit.data import load_source
     from vqkit.metrics.classifier import source_tensors
     from vqkit.metrics.fd import frechet_distance
@@ -47,8 +46,7 @@ def cross_check(model_dirs: list[Path]) -> tuple[dict, list[dict]]:
     floors = {name: frechet_distance(net.features(train), test_features[name]) for name, net in networks.items()}
     rows = []
     for folder in model_dirs:
-        model = VQModel.from_pretrained(folder).eval()
-        recon = torch.cat([model(x).reconstruction.clamp(-1, 1) for x in test.split(250)])
+        recon = reconstruct(folder, test)
         rows.append({name: frechet_distance(net.features(recon), test_features[name])
                      for name, net in networks.items()})
     return floors, rows

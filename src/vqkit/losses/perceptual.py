@@ -75,6 +75,13 @@ def unit_normalize(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return features * torch.rsqrt(features.pow(2).sum(dim=1, keepdim=True) + eps)
 
 
+def paired_feature_distance(features: torch.Tensor) -> torch.Tensor:
+    """Feature maps of [x; y] stacked on the batch -> per-pair squared distance of unit-normalised channel vectors,
+    averaged over positions [B]; in [0, 4]."""
+    fx, fy = unit_normalize(features).chunk(2)
+    return (fx - fy).pow(2).sum(dim=1).mean(dim=(1, 2))
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or .pth/.pt (tensors only: ``weights_only=True``, no pickled code runs)."""
     path = Path(path)
@@ -372,11 +379,7 @@ class EffNetFeatureDistance(FrozenDistance):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         both = torch.cat([upsample_to_min(to_rgb(x), self.min_size), upsample_to_min(to_rgb(y), self.min_size)])
-        distance = 0
-        for features in self.network.stage_outputs(both, self.stages):
-            fx, fy = unit_normalize(features).chunk(2)
-            distance = distance + (fx - fy).pow(2).sum(dim=1).mean(dim=(1, 2))
-        return distance / len(self.stages)
+        return sum(paired_feature_distance(f) for f in self.network.stage_outputs(both, self.stages)) / len(self.stages)
 
 
 # ---------------------------------------------------------------------------------------------- vqkit's own classifier
@@ -435,8 +438,7 @@ class ClassifierFeatureDistance(FrozenDistance):
         for index, layer in enumerate(self.body[:self.taps[-1] + 1]):
             both = layer(both)
             if index in self.taps:
-                fx, fy = unit_normalize(both).chunk(2)
-                distance = distance + (fx - fy).pow(2).sum(dim=1).mean(dim=(1, 2))
+                distance = distance + paired_feature_distance(both)
         return distance / len(self.taps)
 
 
