@@ -186,3 +186,60 @@ def test_torchrun_end_to_end(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [1, 2, 3, 4]  # one writer only
     assert "2 process(es)" in res.stdout
+
+
+def _first_worker(rank: int, port: int, out_dir: str) -> None:
+    """main_process_first twice: a build that logs its rank (rank 0 slow), then one that fails on rank 0."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        import vqkit.distributed as D
+
+        log = Path(out_dir) / "built.txt"
+
+        def build():
+            if rank == 0:
+                time.sleep(1.0)  # a slow first build: the other rank must still come after it
+            with open(log, "a") as f:
+                f.write(f"{rank}\n")
+            return rank
+
+        assert D.main_process_first(build) == rank
+
+        def broken():
+            if rank == 0:
+                raise ValueError("no weights")
+            with open(log, "a") as f:
+                f.write(f"broken {rank}\n")
+
+        try:
+            D.main_process_first(broken)
+            outcome = "returned"
+        except Exception as e:  # the other ranks must not wait forever for rank 0
+            outcome = type(e).__name__
+        (Path(out_dir) / f"outcome_{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_main_process_first_builds_on_rank0_before_the_others_and_shares_its_failure(tmp_path):
+    port = free_port()
+    here = str(Path(__file__).resolve().parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_distributed as t; "
+            f"t._first_worker(int(sys.argv[1]), {port}, {str(tmp_path)!r})")
+    results = run_processes([[sys.executable, "-c", code, str(r)] for r in range(WORLD)], cwd=tmp_path, timeout=120)
+    for r, res in enumerate(results):
+        assert res.returncode == 0, f"rank {r} failed:\n{res.stdout[-5000:]}"
+    assert (tmp_path / "built.txt").read_text().split("\n")[:-1] == ["0", "1"]  # rank 1 built after rank 0, once each
+    assert (tmp_path / "outcome_0.txt").read_text() == "ValueError"  # rank 0 keeps its own error
+    assert (tmp_path / "outcome_1.txt").read_text() == "RuntimeError"  # the others fail too, without building
+
+
+def test_main_process_first_in_one_process_just_builds():
+    from vqkit.distributed import main_process_first
+
+    assert main_process_first(lambda: 7) == 7

@@ -7,9 +7,12 @@ restarts); the trainer uses them for setup and logging.
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -76,6 +79,24 @@ def init_from_env() -> torch.device:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main_process_first(build: Callable[[], T]) -> T:
+    """``build()`` on rank 0 first, then on the other ranks: whatever it caches on disk (a classifier trained for a
+    perceptual loss) is made once and read by the others. If rank 0 fails, every rank raises instead of waiting."""
+    if not is_distributed():
+        return build()
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = build()
+        except Exception as e:  # re-raised below, after telling the other ranks
+            error = e
+    if any_flag(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError("rank 0 failed while building what the other ranks wait for; see its error above")
+    return build() if not is_main_process() else result
 
 
 def any_flag(flag: bool) -> bool:

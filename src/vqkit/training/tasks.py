@@ -76,7 +76,8 @@ class TokenizerTask:
             options = dict(cfg.perceptual.options)
             if cfg.perceptual.kind == "classifier":  # trained on (and cached for) the source this tokenizer learns
                 options.setdefault("dataset", cfg.data.source)
-            self.perceptual = build_perceptual(cfg.perceptual.kind, **options).to(device)
+            # rank 0 first: a classifier term trains its network into the cache once, the other ranks then load it
+            self.perceptual = D.main_process_first(lambda: build_perceptual(cfg.perceptual.kind, **options)).to(device)
         self.gan = _GAN(cfg, model.config.out_channels, device) if cfg.gan.enabled else None
 
     def state(self) -> dict:
