@@ -119,3 +119,50 @@ def r1_penalty(d_real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.
     if grad is None:  # the logits do not depend on the images at all
         return d_real_logits.new_zeros((), dtype=torch.float32)
     return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
+# --------------------------------------------------------------------------------------- differentiable augmentation
+DISC_AUGMENTS = ("translation", "cutout")
+
+
+def parse_disc_augment(policy: str) -> tuple[str, ...]:
+    """``"translation,cutout"`` -> ("translation", "cutout"); ``""`` -> (); unknown names are refused."""
+    names = tuple(p.strip() for p in str(policy or "").split(",") if p.strip())
+    unknown = [n for n in names if n not in DISC_AUGMENTS]
+    if unknown:
+        raise ValueError(f"gan.augment: unknown augmentation {unknown[0]!r}; use a comma-separated subset of "
+                         f"{', '.join(DISC_AUGMENTS)}")
+    return names
+
+
+def disc_augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Generator,
+                 translation: float = 0.125, cutout: float = 0.5) -> torch.Tensor:
+    """DiffAugment (Zhao et al., 2020): random changes to what the discriminator sees, differentiable in ``x``, so
+    that the generator's gradient passes through them. With few training images a discriminator otherwise learns the
+    exact pixels (and the generator learns tiny perturbations that fool it) instead of what real images look like.
+
+    ``translation``: each image moves by up to that fraction of its size, edges repeated (a digit's background stays
+    background). ``cutout``: a square of that fraction of the size, at a random place, is set to 0 (mid-grey).
+    Each image gets its own draw from ``generator`` (a CPU generator; the draws are moved to ``x``'s device)."""
+    if not policy:
+        return x
+    b, _, h, w = x.shape
+    if "translation" in policy:
+        sy, sx = max(1, int(h * translation + 0.5)), max(1, int(w * translation + 0.5))
+        dy = torch.randint(-sy, sy + 1, (b, 1), generator=generator).to(x.device)
+        dx = torch.randint(-sx, sx + 1, (b, 1), generator=generator).to(x.device)
+        padded = F.pad(x, (sx, sx, sy, sy), mode="replicate")
+        rows = torch.arange(h, device=x.device)[None] + sy + dy  # [B, H]
+        cols = torch.arange(w, device=x.device)[None] + sx + dx  # [B, W]
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        x = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
+    if "cutout" in policy:
+        ch, cw = max(1, int(h * cutout + 0.5)), max(1, int(w * cutout + 0.5))
+        cy = torch.randint(0, h + 1 - ch % 2, (b, 1, 1), generator=generator).to(x.device)
+        cx = torch.randint(0, w + 1 - cw % 2, (b, 1, 1), generator=generator).to(x.device)
+        ys = torch.arange(h, device=x.device)[None, :, None]
+        xs = torch.arange(w, device=x.device)[None, None, :]
+        top, left = cy - ch // 2, cx - cw // 2  # the square may reach past an edge, as in DiffAugment
+        inside = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
+        x = x * (~inside).unsqueeze(1).to(x.dtype)
+    return x

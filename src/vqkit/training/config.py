@@ -66,6 +66,9 @@ class GANConfig:
     lr: float | None = None  # discriminator learning rate (default: optim.lr)
     lecam: float = 0.0  # LeCam regularisation weight (0: off)
     r1: float = 0.0  # R1 gradient penalty gamma (0: off)
+    # DiffAugment policy for what D sees, real and reconstructed alike (and in the generator's term): "" (off) or a
+    # comma-separated subset of "translation,cutout"; for small datasets, where D learns pixels, not looks
+    augment: str = ""
 
 
 @dataclass

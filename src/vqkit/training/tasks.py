@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from ..data.augment import augment_images
+from ..losses.adversarial import disc_augment
 from ..data.images import make_grid, save_image
 from ..data.sources import ImageSource
 from ..evaluation import evaluate_tokenizer
@@ -112,6 +113,8 @@ class TokenizerTask:
                 nll = nll + cfg.perceptual.weight * p_loss
                 logs["p_loss"] = float(p_loss.detach())
             loss = nll + out.quantizer_loss
+            if self.gan is not None:
+                self.gan.step = step
             if self.gan is not None and step >= cfg.gan.gen_start:
                 g_term, g_logs = self.gan.generator_term(rec, nll, self.model.decoder.last_layer)
                 loss = loss + g_term
@@ -158,7 +161,7 @@ class _GAN:
     term, and optional LeCam / R1 regularisation. Its start steps for D and for the generator term are separate."""
 
     def __init__(self, cfg: TrainConfig, channels: int, device: torch.device):
-        from ..losses.adversarial import LeCamRegularizer
+        from ..losses.adversarial import LeCamRegularizer, parse_disc_augment
         from ..models.discriminator import PatchDiscriminator
 
         g = cfg.gan
@@ -173,6 +176,15 @@ class _GAN:
         self.lr_scale = (g.lr / cfg.optim.lr) if g.lr else 1.0
         self.optimizer = torch.optim.Adam(self.disc.parameters(), lr=g.lr or cfg.optim.lr, betas=tuple(cfg.optim.betas))
         self.lecam = LeCamRegularizer().to(device) if g.lecam > 0 else None
+        self.augment = parse_disc_augment(g.augment)
+        self.step = 0
+
+    def _augmented(self, images: torch.Tensor, salt: int) -> torch.Tensor:
+        """DiffAugment draws for this (seed, step, rank) and call site, so that a resumed run repeats them exactly."""
+        if not self.augment:
+            return images
+        seed = ((int(self.cfg.seed) * 1_000_003 + self.step) * 1_009 + D.rank()) * 7 + salt
+        return disc_augment(images, self.augment, torch.Generator().manual_seed(seed))
 
     def state(self) -> dict:
         state = {"disc": self.disc.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -195,7 +207,7 @@ class _GAN:
         for p in self.disc.parameters():
             p.requires_grad_(False)
         try:
-            g_loss = generator_loss(self.disc(rec), g.loss)
+            g_loss = generator_loss(self.disc(self._augmented(rec, salt=0)), g.loss)
         finally:
             for p in self.disc.parameters():
                 p.requires_grad_(True)
@@ -213,8 +225,8 @@ class _GAN:
             group["lr"] = lr
         real = real.detach().requires_grad_(g.r1 > 0)
         with autocast_context(self.cfg, self.device):
-            logits_real = self.net(real).float()
-            logits_fake = self.net(fake.detach()).float()
+            logits_real = self.net(self._augmented(real, salt=1)).float()
+            logits_fake = self.net(self._augmented(fake.detach(), salt=2)).float()
         d_loss = (hinge_d_loss if g.loss == "hinge" else vanilla_d_loss)(logits_real, logits_fake)
         total = d_loss
         logs = {"d_loss": float(d_loss.detach()), "logits_real": float(logits_real.detach().mean()),
