@@ -6,6 +6,13 @@ of the masked prior over a full grid. Each figure is the median of repeated runs
 so read the ratios. On a GPU the same script runs there (``--device cuda``).
 
     python benchmarks/prior_latency.py --ar runs/bench-generation/prior-ar --mask runs/bench-generation/prior-mask
+
+Latency does not depend on the weights (the AR prior always runs its sequence length in steps, the masked prior its
+scheduled steps), so ``--untrained`` times priors built from presets with random weights, on the benchmark's
+token grid, with no training first: what a session with a GPU for a few minutes can measure at once.
+
+    python benchmarks/prior_latency.py --untrained --ar mnist-prior-ar \
+        --mask "mnist-prior-mask sampling.guidance_scale=1.0 sampling.temperature=1.1" --device cuda
 """
 
 from __future__ import annotations
@@ -35,8 +42,13 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ar", required=True, help="AR prior directory")
-    ap.add_argument("--mask", required=True, help="masked prior directory")
+    ap.add_argument("--ar", required=True, help="AR prior directory (with --untrained: PRESET [key=value ...])")
+    ap.add_argument("--mask", required=True, help="masked prior directory (with --untrained: PRESET [key=value ...])")
+    ap.add_argument("--untrained", action="store_true",
+                    help="build the priors from presets with random weights instead of loading trained ones")
+    ap.add_argument("--codebook-size", type=int, default=64, help="with --untrained (the benchmark's tokenizer: 64)")
+    ap.add_argument("--grid", type=int, default=7, help="with --untrained: tokens per side")
+    ap.add_argument("--num-classes", type=int, default=10, help="with --untrained (0: unconditional)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
@@ -46,13 +58,17 @@ def main() -> None:
 
     rows = []
     for name, path in (("AR prior (KV cache)", args.ar), ("masked prior", args.mask)):
-        prior, _, sampling = load_generator(path)
+        if args.untrained:
+            prior, sampling = untrained_prior(path, args.codebook_size, args.grid, args.num_classes)
+        else:
+            prior, _, sampling = load_generator(path)
+        prior = prior.to(device)
         kwargs = sampling_kwargs(sampling, prior)
         for precision in ("fp32", "bf16"):
             # a bf16 copy, so that the fp32 prior stays as loaded
             model = copy.deepcopy(prior).to(device, torch.bfloat16) if precision == "bf16" else prior.to(device)
             labels = torch.arange(64) % prior.config.num_classes if prior.config.num_classes else None
-            row = {"prior": name, "path": str(path), "precision": precision, "mode": prior.config.mode,
+            row = {"prior": name, "path": str(path), "untrained": args.untrained, "precision": precision, "mode": prior.config.mode,
                    "steps": kwargs.get("steps") if prior.config.mode == "mask" else prior.config.seq_len,
                    "guidance_scale": kwargs.get("guidance_scale")}
             row["batch1_ms"] = median_ms(
@@ -76,7 +92,23 @@ def main() -> None:
     speedup = best["ar"] / best["mask"]
     print(f"\nbatch 1, each prior at its faster precision: AR {best['ar']:.1f} ms, masked {best['mask']:.1f} ms: "
           f"the masked prior is {speedup:.2f}x faster (bar >= 4x)")
-    write_results("prior_latency", rows, mask_vs_ar_batch1_speedup=speedup)
+    write_results("prior_latency_untrained" if args.untrained else "prior_latency", rows,
+                  mask_vs_ar_batch1_speedup=speedup)
+
+
+def untrained_prior(spec: str, codebook_size: int, grid: int, num_classes: int):
+    """(prior with random weights, sampling settings) from "PRESET [key=value ...]" on a grid x grid token grid."""
+    import dataclasses
+
+    from vqkit.models.prior import TokenPrior
+    from vqkit.training.config import resolve_config
+
+    preset, *overrides = spec.split()
+    cfg = resolve_config(preset=preset, overrides=overrides, kind="prior")
+    config = dataclasses.replace(cfg.prior, codebook_size=codebook_size, token_grid=[grid, grid],
+                                 num_classes=num_classes or None, text_vocab=None)
+    torch.manual_seed(0)
+    return TokenPrior(config).eval(), dataclasses.asdict(cfg.sampling)
 
 
 if __name__ == "__main__":
