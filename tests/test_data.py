@@ -286,6 +286,17 @@ def test_folder_no_readable_images(tmp_path):
         FolderSource(tmp_path)
 
 
+
+def test_folder_unreadable_test_split_names_its_files(tmp_path):
+    """Without train/ and test/ subfolders a small folder's TEST split can be a single file; when that file cannot
+    be read, the error names it (the train split, readable, still loads)."""
+    make_folder(tmp_path, [f"{k}.png" for k in range(5)])
+    (tmp_path / "zz_broken.png").write_bytes(b"garbage")  # sorted last: TEST when no path hashes to TEST
+    assert len(FolderSource(tmp_path, "train")) == 5  # no path of these hashes to TEST (crc32, deterministic)
+    with pytest.warns(UserWarning, match="zz_broken.png"):
+        with pytest.raises(SourceError, match=r"test split: its 1 file\(s\) \(zz_broken.png\) could not be read"):
+            FolderSource(tmp_path, "test")
+
 def test_folder_mixed_sizes(tmp_path):
     make_folder(tmp_path, [f"s{k}.png" for k in range(5)], size=(16, 16))
     make_folder(tmp_path, [f"t{k}.png" for k in range(5)], size=(20, 30))

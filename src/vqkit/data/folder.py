@@ -134,8 +134,11 @@ class FolderSource(ImageSource):
             if self.labels is not None:
                 kept_labels.append(self.labels[k])
         if not kept_files:
-            raise SourceError(f"{self.root}: no readable images in the {self.split} split "
-                              f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            unreadable = ", ".join(path.name for path in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
+            hint = ("; with no train/ and test/ subfolders about one file in ten is TEST, chosen by its path"
+                    if self.split == "test" else "")
+            raise SourceError(f"{self.root}: no readable images in the {self.split} split: its {len(self.files)} "
+                              f"file(s) ({unreadable}) could not be read{hint}")
         self.files = kept_files
         self.labels = kept_labels if self.labels is not None else None
 
