@@ -316,7 +316,7 @@ def test_input_validation():
         prior(grids(2), [0, 3])
     with pytest.raises(ValueError, match="2 class labels for a batch of 4"):
         prior(grids(4), [0, 1])
-    with pytest.raises(ValueError, match="without text conditioning"):
+    with pytest.raises(ValueError, match=r"without text conditioning.*class-conditional: give a class in \[0, 3\)"):
         prior(grids(1), ["a caption"])
     with pytest.raises(ValueError, match="grid"):
         prior.sample(1, 0, grid=(4, 4))

@@ -403,9 +403,11 @@ class TokenPrior(PretrainedMixin, nn.Module):
         labels, captions = self._split_condition(condition)
         c = self.config
         if labels is not None and self.class_emb is None:
-            raise ValueError("class labels given to a prior without class conditioning (num_classes is not set)")
+            raise ValueError("class labels given to a prior without class conditioning (num_classes is not set); "
+                             + self._conditioning_hint())
         if captions is not None and self.text_emb is None:
-            raise ValueError("captions given to a prior without text conditioning (text_vocab is not set)")
+            raise ValueError("captions given to a prior without text conditioning (text_vocab is not set); "
+                             + self._conditioning_hint())
         class_ids = self._class_ids(labels, batch) if self.class_emb is not None else None
         text_ids = None
         if self.text_emb is not None:
@@ -417,6 +419,14 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 raise ValueError(f"got {len(captions)} captions for a batch of {batch}")
             text_ids = self.text_tokenizer.encode_batch(list(captions), c.max_text_len).to(self.device)
         return class_ids, text_ids
+
+    def _conditioning_hint(self) -> str:
+        """What this prior can be conditioned on, in the words of the command line."""
+        if self.class_emb is not None:
+            return f"this prior is class-conditional: give a class in [0, {self.config.num_classes}) (--class N)"
+        if self.text_emb is not None:
+            return 'this prior is text-conditional: give a caption (--text "...")'
+        return "this prior is unconditional: give neither --class nor --text"
 
     @staticmethod
     def _split_condition(condition):
