@@ -92,8 +92,10 @@ def main() -> None:
     speedup = best["ar"] / best["mask"]
     print(f"\nbatch 1, each prior at its faster precision: AR {best['ar']:.1f} ms, masked {best['mask']:.1f} ms: "
           f"the masked prior is {speedup:.2f}x faster (bar >= 4x)")
-    write_results("prior_latency_untrained" if args.untrained else "prior_latency", rows,
-                  mask_vs_ar_batch1_speedup=speedup)
+    # one file per device, so that a GPU run does not overwrite the CPU figures
+    name = ("prior_latency_untrained" if args.untrained else "prior_latency") + \
+        ("" if device.type == "cpu" else f"_{device.type}")
+    write_results(name, rows, mask_vs_ar_batch1_speedup=speedup)
 
 
 def untrained_prior(spec: str, codebook_size: int, grid: int, num_classes: int):

@@ -158,6 +158,30 @@ def test_mask_sampling_keeps_decoded_tokens_and_uses_the_steps():
     assert prior.sample(2, 1, steps=50, seed=0).shape == (2, *GRID)  # more steps than tokens
 
 
+@pytest.mark.parametrize("options", [{}, {"revisit": True}, {"order": "halton"}, {"guidance_scale": 2.0}])
+@pytest.mark.parametrize("steps", [3, 8, 20])
+def test_mask_sampling_follows_the_schedule_it_counts_on_the_host(options, steps):
+    # The sampler does not read the number of masked tokens back from the device (that would stall a GPU every
+    # step); it relies on every grid following the cosine schedule exactly. Record what each forward pass sees.
+    prior = tiny("mask", num_classes=3)
+    seen = []
+    image_logits = prior._image_logits
+
+    def recording(tokens, *args):
+        seen.append((tokens == prior.mask_id).sum(1))
+        return image_logits(tokens, *args)
+
+    prior._image_logits = recording
+    samples = prior.sample(5, [0, 1, 2, 0, 1], seed=1, steps=steps, **options)
+    L, expected = 12, [12]
+    for step in range(1, steps):
+        expected.append(min(math.floor(L * math.cos(math.pi / 2 * step / steps)), expected[-1] - 1))
+    expected = [m for m in expected if m > 0]
+    assert [int(s[0]) for s in seen] == expected
+    assert all((s == s[0]).all() for s in seen)  # the same count in every grid (and both halves of guidance)
+    assert (samples != prior.mask_id).all()
+
+
 # ----------------------------------------------------------------------------------------- sampling and guidance
 @pytest.mark.parametrize("mode", ["ar", "mask"])
 def test_sampling_is_deterministic_per_seed(mode):

@@ -731,11 +731,14 @@ class TokenPrior(PretrainedMixin, nn.Module):
             rank[halton_order(*c.token_grid).to(self.device)] = torch.arange(L, device=self.device, dtype=rank.dtype)
         tokens = torch.full((batch, L), self.mask_id, dtype=torch.long, device=self.device)
         used = torch.zeros(batch, L, c.codebook_size, device=self.device) if keep_logits else None
+        # Every grid follows one schedule, so the count of masked tokens is known here without reading it off the
+        # device: each step leaves exactly `stay_masked` of them. (Reading it back would wait for the GPU every step,
+        # so that launching the next step's kernels could not overlap the running ones.)
+        num_masked = L
         for step in range(steps):
-            masked = tokens == self.mask_id
-            num_masked = int(masked[0].sum())  # the same for every grid: they follow one schedule
             if num_masked == 0:  # more steps than tokens
                 break
+            masked = tokens == self.mask_id
             progress = (step + 1) / steps
             scale = None if guidance is None else guidance(progress)
             logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
@@ -757,6 +760,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
             tokens = torch.where(masked, drawn.reshape(batch, L), tokens)
             if stay_masked > 0:
                 tokens.scatter_(1, confidence.topk(stay_masked, dim=1, largest=False).indices, self.mask_id)
+            num_masked = max(stay_masked, 0)
             if keep_logits:
                 decoded_now = masked & (tokens != self.mask_id)
                 used[decoded_now] = logits[decoded_now]
