@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vqkit.io import VQKitFileError
-from vqkit.models.prior import TokenPrior, TokenPriorConfig, halton_order
+from vqkit.models.prior import TokenPrior, TokenPriorConfig, halton_order, masked_counts
 from vqkit.models.text import ByteTokenizer, make_text_tokenizer, split_words, word_vocabulary
 
 K, GRID = 16, (3, 4)
@@ -156,6 +156,49 @@ def test_mask_sampling_keeps_decoded_tokens_and_uses_the_steps():
     all_masked = torch.full((1, 12), prior.mask_id)
     assert torch.equal(one_step[0].reshape(-1), prior.logits(all_masked, 1)[0].argmax(-1))
     assert prior.sample(2, 1, steps=50, seed=0).shape == (2, *GRID)  # more steps than tokens
+
+
+def test_halton_training_masks_are_the_masks_halton_sampling_meets():
+    steps = 4
+    prior = tiny("mask", num_classes=3, train_masks="halton", train_mask_steps=steps)
+    drawn = prior.draw_mask(400, torch.Generator().manual_seed(0))
+    train_masks = {tuple(m.tolist()) for m in drawn}
+    assert len(train_masks) == len(masked_counts(12, steps))  # one mask per decoding step, each drawn
+    seen = []
+    image_logits = prior._image_logits
+
+    def recording(tokens, *args):
+        seen.extend(tuple(m.tolist()) for m in tokens == prior.mask_id)
+        return image_logits(tokens, *args)
+
+    prior._image_logits = recording
+    prior.sample(3, [0, 1, 2], seed=0, steps=steps, order="halton")
+    assert set(seen) == train_masks
+    # the random masks of MaskGIT are many
+    random_masks = tiny("mask", num_classes=3).draw_mask(400, torch.Generator().manual_seed(0))
+    assert len({tuple(m.tolist()) for m in random_masks}) > 100
+    with pytest.raises(ValueError, match="train_masks"):
+        TokenPriorConfig(mode="mask", train_masks="raster")
+    with pytest.warns(UserWarning, match="order='halton', steps=4"):  # sampled off the masks it learned
+        prior.sample(2, [0, 1], seed=0, steps=steps)
+
+
+def test_halton_trained_log_prob_is_a_normalised_likelihood():
+    # Over every grid of a 2x2 grid with K=3 (81 grids), exp(sum of per-token log-probabilities) sums to 1.
+    import itertools
+
+    torch.manual_seed(0)
+    prior = TokenPrior(mode="mask", codebook_size=3, token_grid=[2, 2], d_model=16, n_layers=1, n_heads=2,
+                       num_classes=2, train_masks="halton", train_mask_steps=3).eval()
+    for parameter in prior.parameters():  # large random weights, so that each token depends on the others
+        torch.nn.init.normal_(parameter, std=0.7)
+    every = torch.tensor(list(itertools.product(range(3), repeat=4))).reshape(-1, 2, 2)
+    for label in (0, 1):
+        log_p = prior.log_prob(every, label).double().sum((1, 2))
+        assert abs(float(log_p.exp().sum()) - 1) < 1e-5
+    pseudo = TokenPrior(**{**prior.config.to_dict(), "train_masks": "random"}).eval()
+    pseudo.load_state_dict(prior.state_dict())
+    assert abs(float(pseudo.log_prob(every, 0).double().sum((1, 2)).exp().sum()) - 1) > 1e-3  # not normalised
 
 
 @pytest.mark.parametrize("options", [{}, {"revisit": True}, {"order": "halton"}, {"guidance_scale": 2.0}])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ from .text import TEXT_VOCABS, make_text_tokenizer
 
 CONFIG_VERSION = 1
 MODES = ("ar", "mask")
+TRAIN_MASKS = ("random", "halton")
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -69,6 +71,12 @@ class TokenPriorConfig:
     # tokens. A model that has seen wrong tokens in its context learns to recover from its own sampling mistakes
     # instead of compounding them; a mask-mode model also learns to judge visible tokens (``revisit`` sampling).
     input_noise: float = 0.0
+    # Mask mode, training: "random" draws MaskGIT's masks (a cosine-scheduled share of random positions), so the
+    # model must learn every decoding order; "halton" draws only the masks that ``train_mask_steps``-step decoding in
+    # Halton order meets (sample with order "halton" and as many steps), so it learns those few conditionals, as an
+    # AR prior learns its one order, while tokens decoded together still sit far apart.
+    train_masks: str = "random"
+    train_mask_steps: int = 8
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
 
@@ -101,6 +109,10 @@ class TokenPriorConfig:
             problems.append(f"max_text_len must be >= 2 (BOS and EOS), got {self.max_text_len}")
         if not 0 <= self.cond_dropout < 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.input_noise < 1:
             problems.append("cond_dropout, label_smoothing and input_noise must be in [0, 1)")
+        if self.train_masks not in TRAIN_MASKS:
+            problems.append(f"train_masks must be one of {TRAIN_MASKS}, got {self.train_masks!r}")
+        if self.train_mask_steps < 1:
+            problems.append(f"train_mask_steps must be >= 1, got {self.train_mask_steps}")
         if problems:
             raise ValueError("invalid TokenPriorConfig: " + "; ".join(problems))
 
@@ -320,6 +332,19 @@ def scheduled_guidance(scale: float, schedule: str, progress: float) -> float:
     1 (no guidance) up to ``scale`` at the end, so the first tokens, which fix the layout, are drawn with the
     model's own diversity and the later ones are pushed towards the class (MUSE's and VAR's linear schedule)."""
     return scale if schedule == "constant" else 1.0 + (scale - 1.0) * progress
+
+
+def masked_counts(length: int, steps: int) -> list[int]:
+    """How many of ``length`` tokens are still masked when each step of ``steps``-step masked decoding begins:
+    ``length`` at first, then the cosine schedule floor(length * cos(pi/2 * t/steps)), at least one fewer each step
+    (so decoding always finishes within ``steps``); steps that would begin with none masked are left out."""
+    counts = [length]
+    for t in range(1, steps):
+        left = min(math.floor(length * math.cos(math.pi / 2 * t / steps)), counts[-1] - 1)
+        if left <= 0:
+            break
+        counts.append(left)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -563,10 +588,20 @@ class TokenPrior(PretrainedMixin, nn.Module):
         tokens = self._check_tokens(indices, allow_mask=True)
         return self._guided_logits(tokens, *self._encode_condition(condition, len(tokens)), guidance_scale)
 
+    def _halton_rank(self) -> torch.Tensor:
+        """int64 [L]: rank[p] = when position p comes in ``halton_order`` (lower ranks are decoded first)."""
+        order = halton_order(*self.config.token_grid).to(self.device)
+        return torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=self.device))
+
     def draw_mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mask-mode training mask, bool [B, L]: per grid, a share cos(pi/2 * u), u ~ U(0, 1), of the positions
-        (at least one), chosen uniformly at random."""
+        """Mask-mode training mask, bool [B, L]. ``train_masks`` "random": per grid, a share cos(pi/2 * u),
+        u ~ U(0, 1), of the positions (at least one), chosen uniformly at random. "halton": per grid, the mask that
+        one step of ``train_mask_steps``-step Halton-order decoding begins with, the step drawn uniformly."""
         L = self.config.seq_len
+        if self.config.train_masks == "halton":
+            counts = torch.tensor(masked_counts(L, self.config.train_mask_steps), device=self.device)
+            step = (uniform((batch,), generator, self.device) * len(counts)).long().clamp_(max=len(counts) - 1)
+            return self._halton_rank()[None, :] >= (L - counts[step])[:, None]
         ratio = torch.cos(math.pi / 2 * uniform((batch,), generator, self.device))
         num_masked = (ratio * L).ceil().clamp(1, L)
         rank = uniform((batch, L), generator, self.device).argsort(dim=1).argsort(dim=1)
@@ -609,9 +644,13 @@ class TokenPrior(PretrainedMixin, nn.Module):
         """Per-token log-probabilities [B, h, w] (computed in eval mode, without gradients).
 
         ar: exact chain rule, log p(x_i | x_<i, c); the sum over the grid is log p(x | c).
-        mask: a pseudo-log-likelihood, log p(x_i | x_-i, c) with only position i masked. It is not a normalised
-        likelihood of the grid (its sum is not log p(x | c)); it costs L forward passes per grid, run as batches of
-        ``batch_size`` singly-masked copies.
+        mask, ``train_masks`` "random": a pseudo-log-likelihood, log p(x_i | x_-i, c) with only position i masked.
+        It is not a normalised likelihood of the grid (its sum is not log p(x | c)); it costs L forward passes per
+        grid, run as batches of ``batch_size`` singly-masked copies.
+        mask, ``train_masks`` "halton": exact, like ar, for the distribution that Halton-order decoding in
+        ``train_mask_steps`` steps samples (at temperature 1, no top-k/top-p or guidance): the tokens of each step's
+        group are drawn independently given the groups before, so log p(x_i | earlier groups, c) sums to
+        log p(x | c). One forward pass per step.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -621,9 +660,24 @@ class TokenPrior(PretrainedMixin, nn.Module):
             if self.config.mode == "ar":
                 log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
                 per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+            elif self.config.train_masks == "halton":
+                per_token = self._group_chain_log_prob(tokens, class_ids, text_ids)
             else:
                 per_token = self._pseudo_log_prob(tokens, class_ids, text_ids, batch_size)
         return per_token.reshape(len(tokens), *self.config.token_grid)
+
+    def _group_chain_log_prob(self, tokens, class_ids, text_ids) -> torch.Tensor:
+        L = self.config.seq_len
+        rank = self._halton_rank()
+        counts = masked_counts(L, self.config.train_mask_steps) + [0]
+        per_token = torch.empty(tokens.shape, device=self.device)
+        for masked_now, masked_next in zip(counts, counts[1:]):
+            hidden = rank >= L - masked_now  # masked when this step begins
+            group = hidden & (rank < L - masked_next)  # decoded by this step
+            logits = self._image_logits(tokens.masked_fill(hidden, self.mask_id), class_ids, text_ids)
+            log_probs = logits[:, group].float().log_softmax(-1)
+            per_token[:, group] = log_probs.gather(-1, tokens[:, group][..., None]).squeeze(-1)
+        return per_token
 
     def _pseudo_log_prob(self, tokens, class_ids, text_ids, batch_size: int) -> torch.Tensor:
         B, L = tokens.shape
@@ -667,6 +721,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
             raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
         check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
                                guidance_schedule=guidance_schedule, order=order, revisit=revisit)
+        if c.mode == "mask" and c.train_masks == "halton" and (order != "halton" or steps != c.train_mask_steps):
+            warnings.warn(f"this prior was trained on the masks of {c.train_mask_steps}-step Halton-order decoding "
+                          f"only; sampling it with order={order!r} and steps={steps} shows it other masks "
+                          f"(use order='halton', steps={c.train_mask_steps})", stacklevel=2)
         guidance = None if guidance_scale == 1.0 else float(guidance_scale)
         self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)
@@ -726,25 +784,21 @@ class TokenPrior(PretrainedMixin, nn.Module):
         the most confident ones (tokens decoded together then sit far apart rather than clustering)."""
         c = self.config
         L, K = c.seq_len, c.codebook_size
-        if order == "halton":  # rank[p]: when position p is decoded; lower ranks are kept first
-            rank = torch.empty(L, device=self.device)
-            rank[halton_order(*c.token_grid).to(self.device)] = torch.arange(L, device=self.device, dtype=rank.dtype)
+        if order == "halton":
+            rank = self._halton_rank().float()
         tokens = torch.full((batch, L), self.mask_id, dtype=torch.long, device=self.device)
         used = torch.zeros(batch, L, c.codebook_size, device=self.device) if keep_logits else None
         # Every grid follows one schedule, so the count of masked tokens is known here without reading it off the
-        # device: each step leaves exactly `stay_masked` of them. (Reading it back would wait for the GPU every step,
-        # so that launching the next step's kernels could not overlap the running ones.)
-        num_masked = L
-        for step in range(steps):
-            if num_masked == 0:  # more steps than tokens
-                break
+        # device (which would wait for a GPU every step, so that the next step's kernels could not be queued while
+        # the current ones run). Fewer entries than steps when there are more steps than tokens.
+        counts = masked_counts(L, steps)
+        for step in range(len(counts)):
             masked = tokens == self.mask_id
             progress = (step + 1) / steps
             scale = None if guidance is None else guidance(progress)
             logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
             drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
-            # At least one new token per step, so that decoding always finishes within `steps`.
-            stay_masked = min(math.floor(L * math.cos(math.pi / 2 * progress)), num_masked - 1)
+            stay_masked = counts[step + 1] if step + 1 < len(counts) else 0
             if order == "halton":
                 confidence = -rank.expand(batch, L)
             else:
@@ -760,7 +814,6 @@ class TokenPrior(PretrainedMixin, nn.Module):
             tokens = torch.where(masked, drawn.reshape(batch, L), tokens)
             if stay_masked > 0:
                 tokens.scatter_(1, confidence.topk(stay_masked, dim=1, largest=False).indices, self.mask_id)
-            num_masked = max(stay_masked, 0)
             if keep_logits:
                 decoded_now = masked & (tokens != self.mask_id)
                 used[decoded_now] = logits[decoded_now]
