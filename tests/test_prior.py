@@ -114,7 +114,7 @@ def test_greedy_top_k_1_equals_argmax_decoding():
 
 # ---------------------------------------------------------------------------------------------------- mask mode
 def test_mask_loss_counts_only_masked_positions():
-    prior = tiny("mask", num_classes=3)
+    prior = tiny("mask", num_classes=3, label_smoothing=0.1)
     x, labels = grids(8), [0, 1, 2, 0, 1, 2, 0, 1]
     out = prior(x, labels, generator=torch.Generator().manual_seed(5))
     mask = prior.draw_mask(8, torch.Generator().manual_seed(5))  # eval mode: the generator only draws the mask
@@ -513,3 +513,13 @@ def test_word_tokenizer():
         make_text_tokenizer("words")
     with pytest.raises(ValueError, match="needs its vocabulary"):
         tiny("ar", text_vocab="words")
+
+
+@pytest.mark.parametrize("preset", ["mnist-prior-ar", "mnist-prior-mask", "prior-ar", "prior-mask", "shapes-prior-ar"])
+def test_a_prior_preset_builds_the_config_its_prior_section_says(preset):
+    # The config merge starts from the defaults of TokenPriorConfig(); a default derived from another field (as
+    # label smoothing's once was from the mode) must not be frozen at the default mode's value.
+    from vqkit.training.config import load_yaml, preset_path, resolve_config
+
+    section = load_yaml(preset_path(preset)).get("prior", {})
+    assert resolve_config(preset=preset, kind="prior").prior == TokenPriorConfig(**section)
