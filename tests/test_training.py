@@ -410,3 +410,12 @@ def test_every_preset_builds():
         assert resolve_config("mnist5k", name, kind=kind).preset == name
     with pytest.raises(ConfigError, match="--teacher"):
         resolve_config("mnist5k", "mnist-prior-mask", overrides=["distill_samples=8"], kind="prior")
+
+
+def test_a_default_derived_in_post_init_follows_the_field_it_derives_from():
+    # The merge of defaults and overrides must not freeze out_channels (= in_channels unless set) at the class
+    # default's value when only in_channels is overridden.
+    from vqkit.training.config import resolve_config
+
+    model = resolve_config(preset="mnist-vqvae", overrides=["model.in_channels=3"]).model
+    assert (model.in_channels, model.out_channels) == (3, 3)

@@ -21,6 +21,7 @@ Token grids come in as int64 [B, h, w] (what ``VQModel.tokenize`` returns) or fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ class TokenPriorConfig:
     # image token's input. No new parameters; the empty caption gives the null summary, so guidance works as before.
     text_at_every_token: bool = False
     # Cross-entropy label smoothing. (Until stop 22 the default was "0.1 in mask mode", but every prior built from a
-    # config got 0.0: a default derived from another field did not survive the config merge. All masked priors
-    # measured in docs/experiments.md trained with 0.0, so that is now the default in both modes.)
+    # config got 0.0: the config merge froze defaults derived from another field, fixed since in the merge. All
+    # masked priors measured in docs/experiments.md trained with 0.0, so that is now the default in both modes.)
     label_smoothing: float = 0.0
     # Training only: each input image token is replaced by a uniformly random code with this probability (ar: the
     # teacher-forced inputs; mask: the visible tokens, which are then scored as well), the targets stay the true
@@ -298,6 +299,12 @@ def halton_order(height: int, width: int) -> torch.Tensor:
     """Raster positions of a height x width grid in the order the 2-D Halton sequence (bases 2 and 3) first visits
     their cells: every prefix of it is spread evenly over the grid, so the tokens decoded in one parallel step sit
     far apart (Besnier et al., "Halton scheduler for masked generative image transformer", ICLR 2025)."""
+    return torch.tensor(_halton_cells(height, width), dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=16)
+def _halton_cells(height: int, width: int) -> tuple[int, ...]:
+    # cached: a prior trained on Halton masks asks for its order at every training step
     order, seen, i = [], set(), 0
     while len(order) < height * width:
         i += 1
@@ -305,7 +312,7 @@ def halton_order(height: int, width: int) -> torch.Tensor:
         if cell not in seen:
             seen.add(cell)
             order.append(cell)
-    return torch.tensor(order, dtype=torch.long)
+    return tuple(order)
 
 
 def check_sampling_options(*, temperature: float, top_k: int | None, top_p: float | None, steps: int,

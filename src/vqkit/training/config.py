@@ -195,7 +195,12 @@ def _build(cls, values: dict, where: str):
             # start from the field's own default (a section may set defaults that differ from its class's)
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping, got {type(value).__name__}")
-            section = _merge(_shallow_dict(default), value or {})
+            # Only the section defaults that differ from the class's own go in: the others are left for the class
+            # to fill, so that a default derived from another field (in __post_init__) follows that field as set
+            # here rather than being frozen at the value it took for the class's default.
+            own = type(default)()
+            changed = {k: v for k, v in _shallow_dict(default).items() if v != getattr(own, k)}
+            section = _merge(changed, value or {})
             kwargs[name] = _build(type(default), section, f"{where}.{name}")
         else:
             kwargs[name] = _check_type(value, hints.get(name), f"{where}.{name}")

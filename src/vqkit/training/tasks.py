@@ -351,7 +351,8 @@ class PriorTask:
                 lp = prior.log_prob(tokens[s:s + bs].to(self.device), self.test_tokens.condition(rows[s:s + bs]))
                 total += float(lp.double().sum())
             bits = -total / math.log(2) / len(tokens)
-            return {"mode": prior.config.mode, "test_bits_per_image": bits, "test_bits_per_token": bits / tokens[0].numel(),
+            return {"mode": prior.config.mode, "test_bits_per_image": bits,
+                    "test_bits_per_token": bits / tokens[0].numel(),
                     "num_images": len(tokens)}
         g = torch.Generator(device=self.device).manual_seed(0)
         losses = []
