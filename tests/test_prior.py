@@ -180,7 +180,7 @@ def test_halton_training_masks_are_the_masks_halton_sampling_meets():
     with pytest.raises(ValueError, match="train_masks"):
         TokenPriorConfig(mode="mask", train_masks="raster")
     with pytest.warns(UserWarning, match="order='halton', steps=4"):  # sampled off the masks it learned
-        prior.sample(2, [0, 1], seed=0, steps=steps)
+        prior.sample(2, [0, 1], seed=0, steps=steps, order="confidence")
 
 
 def test_halton_trained_log_prob_is_a_normalised_likelihood():
@@ -199,6 +199,77 @@ def test_halton_trained_log_prob_is_a_normalised_likelihood():
     pseudo = TokenPrior(**{**prior.config.to_dict(), "train_masks": "random"}).eval()
     pseudo.load_state_dict(prior.state_dict())
     assert abs(float(pseudo.log_prob(every, 0).double().sum((1, 2)).exp().sum()) - 1) > 1e-3  # not normalised
+
+
+def group_causal(seed=0, **kwargs) -> TokenPrior:
+    return tiny("mask", seed, train_masks="halton", train_mask_steps=4, mask_attention="group_causal", **kwargs)
+
+
+@pytest.mark.parametrize("kind", list(CONDITIONS))
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_group_causal_sampling_draws_from_the_teacher_forced_logits(kind, positions):
+    # Sampling caches the keys of the tokens drawn so far and drops the queries'; teacher forcing runs the whole
+    # [prefix, tokens, queries] sequence at once. Both must give the same logits for every token.
+    options, condition = CONDITIONS[kind]
+    prior = group_causal(positions=positions, **options)
+    scales = [1.0] + ([2.0] if kind != "none" else [])
+    for scale in scales:
+        samples, used = prior.sample(4, condition, seed=0, guidance_scale=scale, return_logits=True)
+        forced = prior.logits(samples, condition, guidance_scale=None if scale == 1.0 else scale)
+        assert torch.allclose(forced.reshape(used.shape), used, atol=1e-5)
+    out = prior.train()(samples, condition)
+    assert out.num_targets == samples.numel()  # every token scored in one pass
+    out.loss.backward()
+    assert prior.token_emb.weight.grad is not None
+
+
+def test_group_causal_logits_see_only_earlier_groups():
+    prior = group_causal(num_classes=3)
+    groups = prior._halton_groups()
+    assert sorted(torch.cat(groups).tolist()) == list(range(12)) and len(groups) == 4
+    x = grids(4, seed=1).reshape(4, 12)
+    base = prior.logits(x, [0, 1, 2, 0])
+    for g, group in enumerate(groups):
+        later = torch.cat(groups[g:])
+        changed = x.clone()
+        changed[:, later] = (changed[:, later] + 1) % K  # this group's tokens and all later ones
+        logits = prior.logits(changed, [0, 1, 2, 0])
+        assert torch.allclose(logits[:, group], base[:, group], atol=1e-6)
+        if g + 1 < len(groups):  # ... but the next group's logits do depend on this group's tokens
+            following = groups[g + 1]
+            assert not torch.allclose(logits[:, following], base[:, following], atol=1e-4)
+
+
+def test_group_causal_log_prob_is_a_normalised_likelihood():
+    import itertools
+
+    torch.manual_seed(0)
+    prior = TokenPrior(mode="mask", codebook_size=3, token_grid=[2, 2], d_model=16, n_layers=1, n_heads=2,
+                       num_classes=2, train_masks="halton", train_mask_steps=3, mask_attention="group_causal").eval()
+    for parameter in prior.parameters():
+        torch.nn.init.normal_(parameter, std=0.7)
+    every = torch.tensor(list(itertools.product(range(3), repeat=4))).reshape(-1, 2, 2)
+    for label in (0, 1):
+        log_p = prior.log_prob(every, label).double().sum((1, 2))
+        assert abs(float(log_p.exp().sum()) - 1) < 1e-5
+
+
+def test_group_causal_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="group_causal.*train_masks 'halton'"):
+        TokenPriorConfig(mode="mask", mask_attention="group_causal")
+    with pytest.raises(ValueError, match="group_causal.*mode 'mask'"):
+        TokenPriorConfig(mode="ar", train_masks="halton", mask_attention="group_causal")
+    with pytest.raises(ValueError, match="mask_attention must be one of"):
+        TokenPriorConfig(mode="mask", mask_attention="sideways")
+    prior = group_causal(num_classes=3)
+    with pytest.raises(ValueError, match="leave both out"):
+        prior.sample(2, 0, order="confidence")
+    with pytest.raises(ValueError, match="leave both out"):
+        prior.sample(2, 0, steps=8)
+    prior.save_pretrained(tmp_path / "gc")
+    again = TokenPrior.from_pretrained(tmp_path / "gc")
+    assert again.config.group_causal
+    assert torch.equal(again.sample(3, 1, seed=0), prior.sample(3, 1, seed=0))
 
 
 @pytest.mark.parametrize("options", [{}, {"revisit": True}, {"order": "halton"}, {"guidance_scale": 2.0}])

@@ -410,6 +410,13 @@ def test_every_preset_builds():
         assert resolve_config("mnist5k", name, kind=kind).preset == name
     with pytest.raises(ConfigError, match="--teacher"):
         resolve_config("mnist5k", "mnist-prior-mask", overrides=["distill_samples=8"], kind="prior")
+    # a group-causal prior can only decode in its own Halton groups: a sampling setting it cannot use is refused
+    # before any training time is spent
+    cfg = resolve_config("mnist5k", "mnist-prior-mask", overrides=["prior.mask_attention=group_causal"], kind="prior")
+    assert cfg.prior.group_causal
+    with pytest.raises(ConfigError, match="sampling.order=halton"):
+        resolve_config("mnist5k", "mnist-prior-mask", kind="prior",
+                       overrides=["prior.mask_attention=group_causal", "sampling.order=confidence"])
 
 
 def test_a_default_derived_in_post_init_follows_the_field_it_derives_from():

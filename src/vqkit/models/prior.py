@@ -36,6 +36,7 @@ from .text import TEXT_VOCABS, make_text_tokenizer
 CONFIG_VERSION = 1
 MODES = ("ar", "mask")
 TRAIN_MASKS = ("random", "halton")
+MASK_ATTENTIONS = ("bidirectional", "group_causal")
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -81,6 +82,13 @@ class TokenPriorConfig:
     # AR prior learns its one order, while tokens decoded together still sit far apart.
     train_masks: str = "random"
     train_mask_steps: int = 8
+    # Mask mode with Halton masks: "bidirectional" runs one forward pass per training mask (the masked grid), so a
+    # training grid teaches the one decoding step its mask begins (plus guesses at the later groups that sampling
+    # never uses). "group_causal" teaches all the steps of a grid in one pass, as teacher forcing does for an AR
+    # prior: the sequence is [prefix, the grid's tokens, one query per position], a token attends to the tokens of
+    # its own and earlier Halton groups, a query to those of earlier groups only (and to itself), and the query of
+    # position i predicts token i. Sampling then runs the same 8 steps with cached keys and values.
+    mask_attention: str = "bidirectional"
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
 
@@ -115,6 +123,11 @@ class TokenPriorConfig:
             problems.append(f"train_masks must be one of {TRAIN_MASKS}, got {self.train_masks!r}")
         if self.train_mask_steps < 1:
             problems.append(f"train_mask_steps must be >= 1, got {self.train_mask_steps}")
+        if self.mask_attention not in MASK_ATTENTIONS:
+            problems.append(f"mask_attention must be one of {MASK_ATTENTIONS}, got {self.mask_attention!r}")
+        elif self.mask_attention == "group_causal" and (self.mode != "mask" or self.train_masks != "halton"):
+            problems.append("mask_attention 'group_causal' needs mode 'mask' and train_masks 'halton' (it follows "
+                            "the Halton decoding order)")
         if problems:
             raise ValueError("invalid TokenPriorConfig: " + "; ".join(problems))
 
@@ -122,6 +135,10 @@ class TokenPriorConfig:
     def seq_len(self) -> int:
         """Image tokens per grid (h * w)."""
         return self.token_grid[0] * self.token_grid[1]
+
+    @property
+    def group_causal(self) -> bool:
+        return self.mask_attention == "group_causal"
 
     @property
     def prefix_len(self) -> int:
@@ -162,6 +179,9 @@ class Rotary(nn.Module):
     def angles(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start:start + length], self.sin[start:start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x [B, H, T, head_dim]: channel j of the first half pairs with channel j of the second half."""
@@ -191,6 +211,10 @@ class KVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def drop_last(self, count: int) -> None:
+        """Forget the last ``count`` positions (their buffer space is reused by the next ``append``)."""
+        self.length -= count
+
 
 class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
@@ -199,15 +223,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask``: bool [t, S] (True: may attend) for the t new queries over all S keys, cached ones first;
+        given, it replaces ``causal``."""
         b, t, d = x.shape
         q, k, v = (y.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.append(k, v)
-        mask = None
-        if causal and t > 1:
+        mask = attn_mask
+        if mask is None and causal and t > 1:
             # The new queries are the last t of the k.shape[2] positions: query i sees keys up to its own position.
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -245,8 +272,9 @@ class Block(nn.Module):
         self.mlp = MLP(c.d_model, c.mlp_ratio, c.mlp, c.dropout)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), causal, rope, cache))
+    def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), causal, rope, cache, attn_mask))
         return x + self.mlp(self.norm2(x))
 
 
@@ -544,16 +572,20 @@ class TokenPrior(PretrainedMixin, nn.Module):
         emb = self.text_emb(text_ids)
         return (emb * keep).sum(1) / keep.sum(1)
 
-    def _transformer(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Embeddings [B, T, d] at positions start..start+T-1 -> final hidden states [B, T, d]."""
+    def _transformer(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
+                     positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings [B, T, d] at positions start..start+T-1 (or at ``positions`` [T]) -> final hidden states
+        [B, T, d]. ``attn_mask`` (bool [T, S]) replaces the mode's own attention pattern."""
         rope = None
+        if positions is None:
+            positions = slice(start, start + x.shape[1])
         if self.pos_emb is not None:
-            x = x + self.pos_emb[start:start + x.shape[1]]
+            x = x + self.pos_emb[positions]
         else:
-            rope = self.rotary.angles(start, x.shape[1])
+            rope = self.rotary.at(positions)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.causal, rope, caches[i] if caches is not None else None)
+            x = block(x, self.causal, rope, caches[i] if caches is not None else None, attn_mask)
         return self.norm(x)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -564,8 +596,11 @@ class TokenPrior(PretrainedMixin, nn.Module):
         """Logits [B, L, K] for every image position.
 
         ar: teacher-forced next-token logits (position i sees tokens < i). mask: logits given the visible tokens of
-        ``tokens`` (which may hold [MASK]).
+        ``tokens`` (which may hold [MASK]); with ``mask_attention`` "group_causal", teacher-forced like ar: the
+        logits of position i given the tokens of the Halton groups before i's.
         """
+        if self.config.group_causal:
+            return self._group_causal_logits(tokens, class_ids, text_ids)
         prefix = self._prefix(class_ids, text_ids, len(tokens))
         p = prefix.shape[1]
         offset = self._condition_offset(class_ids, text_ids)
@@ -574,6 +609,43 @@ class TokenPrior(PretrainedMixin, nn.Module):
             return self._head(hidden[:, p - 1:])
         hidden = self._transformer(torch.cat([prefix, self._embed_tokens(tokens, offset)], dim=1))
         return self._head(hidden[:, p:])
+
+    def _halton_groups(self) -> list[torch.Tensor]:
+        """The positions decoded by each step of ``train_mask_steps``-step Halton-order decoding, int64 tensors."""
+        L = self.config.seq_len
+        order = halton_order(*self.config.token_grid).to(self.device)
+        counts = masked_counts(L, self.config.train_mask_steps) + [0]
+        return [order[L - now:L - after] for now, after in zip(counts, counts[1:])]
+
+    def _group_causal_mask(self, prefix_len: int) -> torch.Tensor:
+        """bool [T, T], T = prefix_len + 2L, for the sequence [prefix, tokens, queries] (True: may attend). The
+        prefix sees itself only; a token sees the prefix and the tokens of its own and earlier groups; a query sees
+        the prefix, the tokens of earlier groups and itself. So each query gets exactly the context its position
+        has when Halton-order decoding draws it, and the tokens' keys equal those that sampling caches."""
+        L, P = self.config.seq_len, prefix_len
+        group = torch.empty(L, dtype=torch.long, device=self.device)
+        for g, positions in enumerate(self._halton_groups()):
+            group[positions] = g
+        allowed = torch.zeros(P + 2 * L, P + 2 * L, dtype=torch.bool, device=self.device)
+        allowed[:, :P] = True
+        allowed[P:P + L, P:P + L] = group[None, :] <= group[:, None]
+        allowed[P + L:, P:P + L] = group[None, :] < group[:, None]
+        allowed[P + L:, P + L:] = torch.eye(L, dtype=torch.bool, device=self.device)
+        return allowed
+
+    def _group_causal_logits(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
+        """Teacher-forced logits [B, L, K] of a group-causal prior: one pass over [prefix, tokens, queries]; a query
+        is the [MASK] embedding at its position."""
+        L = self.config.seq_len
+        prefix = self._prefix(class_ids, text_ids, len(tokens))
+        P = prefix.shape[1]
+        offset = self._condition_offset(class_ids, text_ids)
+        queries = self._embed_tokens(torch.full_like(tokens, self.mask_id), offset)
+        x = torch.cat([prefix, self._embed_tokens(tokens, offset), queries], dim=1)
+        image = torch.arange(P, P + L, device=self.device)
+        positions = torch.cat([torch.arange(P, device=self.device), image, image])
+        hidden = self._transformer(x, positions=positions, attn_mask=self._group_causal_mask(P))
+        return self._head(hidden[:, P + L:])
 
     def _guided_logits(self, tokens, class_ids, text_ids, guidance_scale: float | None) -> torch.Tensor:
         if guidance_scale is None:
@@ -618,14 +690,16 @@ class TokenPrior(PretrainedMixin, nn.Module):
     def forward(self, indices: torch.Tensor, condition=None, *,
                 generator: torch.Generator | None = None) -> PriorOutput:
         """Training objective. ar: next-token cross-entropy on every image token. mask: cross-entropy on a random
-        cosine-scheduled share of masked tokens (``draw_mask``), the others visible. In training mode the condition
+        cosine-scheduled share of masked tokens (``draw_mask``), the others visible; with ``mask_attention``
+        "group_causal", on every token given the groups before its own (``_group_causal_logits``). In training mode the condition
         is dropped to the null one with probability ``cond_dropout``. Randomness comes from ``generator`` if
         given (condition dropout first, then the mask, then the input noise)."""
         tokens = self._check_tokens(indices)
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         if self.training and self.config.cond_dropout > 0 and (class_ids is not None or text_ids is not None):
             class_ids, text_ids = self._drop_condition(class_ids, text_ids, generator)
-        ar = self.config.mode == "ar"
+        # a group-causal prior is teacher-forced like an AR prior: every token is scored, given its earlier groups
+        ar = self.config.mode == "ar" or self.config.group_causal
         masked = None if ar else self.draw_mask(len(tokens), generator)
         scored = torch.ones_like(tokens, dtype=torch.bool) if ar else masked
         inputs = tokens
@@ -658,14 +732,14 @@ class TokenPrior(PretrainedMixin, nn.Module):
         mask, ``train_masks`` "halton": exact, like ar, for the distribution that Halton-order decoding in
         ``train_mask_steps`` steps samples (at temperature 1, no top-k/top-p or guidance): the tokens of each step's
         group are drawn independently given the groups before, so log p(x_i | earlier groups, c) sums to
-        log p(x | c). One forward pass per step.
+        log p(x | c). One forward pass per step (group-causal attention: one in all).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tokens = self._check_tokens(indices)
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         with self._eval_mode():
-            if self.config.mode == "ar":
+            if self.config.mode == "ar" or self.config.group_causal:
                 log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
                 per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
             elif self.config.train_masks == "halton":
@@ -703,9 +777,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, condition=None, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, guidance_scale: float = 1.0, steps: int = 8,
+               top_p: float | None = None, guidance_scale: float = 1.0, steps: int | None = None,
                remask_temperature: float = 4.5, revisit: bool = False, guidance_schedule: str = "constant",
-               order: str = "confidence", seed: int | None = None, batch_size: int = 64,
+               order: str | None = None, seed: int | None = None, batch_size: int = 64,
                grid: tuple[int, int] | None = None, return_logits: bool = False):
         """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
 
@@ -717,7 +791,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         parallel steps; which drawn tokens stay is decided by their log-probability plus Gumbel noise scaled by
         ``remask_temperature * (1 - step/steps)``; ``revisit`` lets tokens decoded earlier be re-masked too (see
         ``_sample_mask``). ``order`` "halton" decodes the positions in a fixed, spatially spread order instead of by
-        confidence (see ``halton_order``).
+        confidence (see ``halton_order``). ``steps`` and ``order`` default to what the prior was trained for:
+        ``train_mask_steps`` and "halton" for Halton masks, else 8 and "confidence"; a group-causal prior can only
+        be sampled that way.
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
         torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
         also return the (guided) logits [n, h, w, K] that each token was drawn from.
@@ -727,9 +803,15 @@ class TokenPrior(PretrainedMixin, nn.Module):
             raise ValueError(f"this prior generates {tuple(c.token_grid)} token grids, got grid={tuple(grid)}")
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
+        halton_trained = c.mode == "mask" and c.train_masks == "halton"
+        steps = (c.train_mask_steps if halton_trained else 8) if steps is None else steps
+        order = ("halton" if halton_trained else "confidence") if order is None else order
         check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
                                guidance_schedule=guidance_schedule, order=order, revisit=revisit)
-        if c.mode == "mask" and c.train_masks == "halton" and (order != "halton" or steps != c.train_mask_steps):
+        if c.group_causal and (order != "halton" or steps != c.train_mask_steps):
+            raise ValueError(f"a group-causal prior decodes its {c.train_mask_steps} Halton groups in order and "
+                             f"nothing else; got order={order!r}, steps={steps} (leave both out)")
+        if halton_trained and (order != "halton" or steps != c.train_mask_steps):
             warnings.warn(f"this prior was trained on the masks of {c.train_mask_steps}-step Halton-order decoding "
                           f"only; sampling it with order={order!r} and steps={steps} shows it other masks "
                           f"(use order='halton', steps={c.train_mask_steps})", stacklevel=2)
@@ -745,6 +827,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 cond = (None if class_ids is None else class_ids[batch], None if text_ids is None else text_ids[batch])
                 if c.mode == "ar":
                     tokens, used = self._sample_ar(len(batch), *cond, scale_at, draw, return_logits)
+                elif c.group_causal:
+                    tokens, used = self._sample_group_causal(len(batch), *cond, scale_at, draw, return_logits)
                 else:
                     tokens, used = self._sample_mask(len(batch), *cond, scale_at, steps, remask_temperature,
                                                      revisit, order, draw, return_logits)
@@ -779,6 +863,49 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 step_input = tokens[:, i].repeat(2 if guidance is not None else 1)
                 hidden = self._transformer(self._embed_tokens(step_input[:, None], offset), c.prefix_len + i,
                                            caches)[:, -1]
+        return tokens, used
+
+    def _sample_group_causal(self, batch: int, class_ids, text_ids, guidance, draw: dict, keep_logits: bool):
+        """Halton-order decoding of a group-causal prior, one forward pass per group over cached keys/values: the
+        pass takes the tokens drawn last step (whose keys join the cache) and the queries of this step's group
+        (whose keys are dropped after it, since no later position attends to a query). Arguments as ``_sample_ar``."""
+        c = self.config
+        L, K = c.seq_len, c.codebook_size
+        copies = 2 if guidance is not None else 1
+        if guidance is not None:
+            class_ids, text_ids = self._with_null(class_ids, text_ids)
+        prefix = self._prefix(class_ids, text_ids, batch * copies)
+        P = prefix.shape[1]
+        groups = self._halton_groups()
+        caches = [KVCache(P + L + max(len(g) for g in groups)) for _ in self.blocks]
+        if P:  # the prefix attends to itself only, as in training
+            self._transformer(prefix, 0, caches)
+        offset = self._condition_offset(class_ids, text_ids)
+        query = self._embed_tokens(torch.full((batch * copies, 1), self.mask_id, device=self.device), offset)
+        tokens = torch.empty(batch, L, dtype=torch.long, device=self.device)
+        used = torch.empty(batch, L, K, device=self.device) if keep_logits else None
+        previous = groups[0][:0]
+        for step, group in enumerate(groups):
+            m, n = len(previous), len(group)
+            drawn_before = self._embed_tokens(tokens[:, previous].repeat(copies, 1), offset)
+            x = torch.cat([drawn_before, query.expand(-1, n, -1)], dim=1)
+            positions = P + torch.cat([previous, group])
+            cached = caches[0].length
+            # the new tokens see the cache and each other (one group); each query sees the cache, the new tokens
+            # and itself
+            allowed = torch.ones(m + n, cached + m + n, dtype=torch.bool, device=self.device)
+            allowed[:, cached + m:] = False
+            allowed[m:, cached + m:] = torch.eye(n, dtype=torch.bool, device=self.device)
+            hidden = self._transformer(x, caches=caches, positions=positions, attn_mask=allowed)[:, m:]
+            for cache in caches:
+                cache.drop_last(n)
+            logits = self._head(hidden).float()
+            if guidance is not None:
+                logits = combine_guidance(logits, guidance((step + 1) / len(groups)))
+            tokens[:, group] = sample_from_logits(logits.reshape(batch * n, K), **draw)[0].reshape(batch, n)
+            if keep_logits:
+                used[:, group] = logits
+            previous = group
         return tokens, used
 
     def _sample_mask(self, batch: int, class_ids, text_ids, guidance, steps: int, remask_temperature: float,

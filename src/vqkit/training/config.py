@@ -169,6 +169,13 @@ class PriorTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.distill_samples < 0:
             raise ValueError(f"distill_samples must be >= 0, got {self.distill_samples}")
+        if self.prior.group_causal and (self.sampling.order != "halton"
+                                        or self.sampling.steps != self.prior.train_mask_steps):
+            # refused here, not at the first sample images, so that no training time is lost
+            raise ValueError(f"prior.mask_attention=group_causal decodes in Halton order in exactly "
+                             f"prior.train_mask_steps={self.prior.train_mask_steps} steps; set sampling.order=halton and "
+                             f"sampling.steps={self.prior.train_mask_steps} (got {self.sampling.order!r}, "
+                             f"{self.sampling.steps})")
         if self.distill_samples and not self.distill_from:
             raise ValueError(f"distill_samples={self.distill_samples} needs a teacher: give --teacher DIR (a trained "
                              "prior over the same tokenizer) or distill_from=DIR")
