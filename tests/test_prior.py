@@ -262,9 +262,9 @@ def test_group_causal_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="mask_attention must be one of"):
         TokenPriorConfig(mode="mask", mask_attention="sideways")
     prior = group_causal(num_classes=3)
-    with pytest.raises(ValueError, match="leave both out"):
+    with pytest.raises(ValueError, match="leave order and steps out"):
         prior.sample(2, 0, order="confidence")
-    with pytest.raises(ValueError, match="leave both out"):
+    with pytest.raises(ValueError, match="leave order and steps out"):
         prior.sample(2, 0, steps=8)
     prior.save_pretrained(tmp_path / "gc")
     again = TokenPrior.from_pretrained(tmp_path / "gc")

@@ -810,7 +810,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
                                guidance_schedule=guidance_schedule, order=order, revisit=revisit)
         if c.group_causal and (order != "halton" or steps != c.train_mask_steps):
             raise ValueError(f"a group-causal prior decodes its {c.train_mask_steps} Halton groups in order and "
-                             f"nothing else; got order={order!r}, steps={steps} (leave both out)")
+                             f"nothing else; got order={order!r}, steps={steps} (leave order and steps out)")
         if halton_trained and (order != "halton" or steps != c.train_mask_steps):
             warnings.warn(f"this prior was trained on the masks of {c.train_mask_steps}-step Halton-order decoding "
                           f"only; sampling it with order={order!r} and steps={steps} shows it other masks "
