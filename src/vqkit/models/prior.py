@@ -176,10 +176,7 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def angles(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[start:start + length], self.sin[start:start + length]
-
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def at(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions], self.sin[positions]
 
 
@@ -749,16 +746,13 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return per_token.reshape(len(tokens), *self.config.token_grid)
 
     def _group_chain_log_prob(self, tokens, class_ids, text_ids) -> torch.Tensor:
-        L = self.config.seq_len
-        rank = self._halton_rank()
-        counts = masked_counts(L, self.config.train_mask_steps) + [0]
         per_token = torch.empty(tokens.shape, device=self.device)
-        for masked_now, masked_next in zip(counts, counts[1:]):
-            hidden = rank >= L - masked_now  # masked when this step begins
-            group = hidden & (rank < L - masked_next)  # decoded by this step
+        hidden = torch.ones(self.config.seq_len, dtype=torch.bool, device=self.device)  # masked when a step begins
+        for group in self._halton_groups():
             logits = self._image_logits(tokens.masked_fill(hidden, self.mask_id), class_ids, text_ids)
             log_probs = logits[:, group].float().log_softmax(-1)
             per_token[:, group] = log_probs.gather(-1, tokens[:, group][..., None]).squeeze(-1)
+            hidden[group] = False
         return per_token
 
     def _pseudo_log_prob(self, tokens, class_ids, text_ids, batch_size: int) -> torch.Tensor:
