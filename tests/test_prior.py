@@ -201,6 +201,20 @@ def test_halton_trained_log_prob_is_a_normalised_likelihood():
     assert abs(float(pseudo.log_prob(every, 0).double().sum((1, 2)).exp().sum()) - 1) > 1e-3  # not normalised
 
 
+@pytest.mark.parametrize("mode", ["ar", "mask"])
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_keep_last_computes_only_the_last_positions(mode, positions):
+    # Sampling asks the last block for the hidden states it reads only; the rest must not change them.
+    prior = tiny(mode, positions=positions)
+    x = torch.randn(2, 7, 32)
+    full = prior._transformer(x)
+    assert torch.allclose(prior._transformer(x, keep_last=3), full[:, -3:], atol=1e-6)
+    mask = torch.rand(7, 7, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask |= torch.eye(7, dtype=torch.bool)
+    masked = prior._transformer(x, attn_mask=mask)
+    assert torch.allclose(prior._transformer(x, attn_mask=mask, keep_last=2), masked[:, -2:], atol=1e-6)
+
+
 def group_causal(seed=0, **kwargs) -> TokenPrior:
     return tiny("mask", seed, train_masks="halton", train_mask_steps=4, mask_attention="group_causal", **kwargs)
 

@@ -221,9 +221,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, keep_last: int | None = None) -> torch.Tensor:
         """``attn_mask``: bool [t, S] (True: may attend) for the t new queries over all S keys, cached ones first;
-        given, it replaces ``causal``."""
+        given, it replaces ``causal``. ``keep_last``: every position gives keys and values, but only the last
+        ``keep_last`` attend (the output has that many positions)."""
         b, t, d = x.shape
         q, k, v = (y.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
         if rope is not None:
@@ -231,6 +232,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         mask = attn_mask
+        if keep_last is not None:
+            q, t = q[:, :, t - keep_last:], keep_last
+            mask = None if mask is None else mask[-keep_last:]
         if mask is None and causal and t > 1:
             # The new queries are the last t of the k.shape[2] positions: query i sees keys up to its own position.
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
@@ -270,8 +274,13 @@ class Block(nn.Module):
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, causal: bool, rope=None, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), causal, rope, cache, attn_mask))
+                attn_mask: torch.Tensor | None = None, keep_last: int | None = None) -> torch.Tensor:
+        """``keep_last``: only the last ``keep_last`` positions' outputs are computed (the others still give the
+        attention their keys and values)."""
+        attended = self.attn(self.norm1(x), causal, rope, cache, attn_mask, keep_last)
+        if keep_last is not None:
+            x = x[:, x.shape[1] - keep_last:]
+        x = x + self.drop(attended)
         return x + self.mlp(self.norm2(x))
 
 
@@ -570,9 +579,12 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return (emb * keep).sum(1) / keep.sum(1)
 
     def _transformer(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
-                     positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                     keep_last: int | None = None) -> torch.Tensor:
         """Embeddings [B, T, d] at positions start..start+T-1 (or at ``positions`` [T]) -> final hidden states
-        [B, T, d]. ``attn_mask`` (bool [T, S]) replaces the mode's own attention pattern."""
+        [B, T, d]. ``attn_mask`` (bool [T, S]) replaces the mode's own attention pattern. ``keep_last``: only the
+        last ``keep_last`` positions' hidden states are wanted, so the last block computes no others (those positions
+        only fill the caches)."""
         rope = None
         if positions is None:
             positions = slice(start, start + x.shape[1])
@@ -581,8 +593,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
         else:
             rope = self.rotary.at(positions)
         x = self.drop(x)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, self.causal, rope, caches[i] if caches is not None else None, attn_mask)
+            x = block(x, self.causal, rope, caches[i] if caches is not None else None, attn_mask,
+                      keep_last if i == last else None)
         return self.norm(x)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -843,7 +857,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         prefix = self._prefix(class_ids, text_ids, batch * (2 if guidance is not None else 1))
         caches = [KVCache(c.prefix_len + c.seq_len) for _ in self.blocks]
         offset = self._condition_offset(class_ids, text_ids)
-        hidden = self._transformer(prefix, 0, caches)[:, -1]
+        hidden = self._transformer(prefix, 0, caches, keep_last=1)[:, -1]
         tokens = torch.empty(batch, c.seq_len, dtype=torch.long, device=self.device)
         used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device) if keep_logits else None
         for i in range(c.seq_len):
@@ -859,43 +873,59 @@ class TokenPrior(PretrainedMixin, nn.Module):
                                            caches)[:, -1]
         return tokens, used
 
+    def _group_causal_plan(self, prefix_len: int) -> list[tuple]:
+        """What each pass of group-causal sampling feeds in, computed once per prefix length and device:
+        (the Halton group whose queries it holds, the positions of its inputs, its attention mask). A pass takes the
+        positions whose keys join the cache (the prefix in the first pass, then the group drawn last) and this
+        group's queries; the cache-joining inputs see the cache and each other (one Halton group, or the prefix,
+        which sees itself only, as in training); a query sees the cache, those inputs and itself."""
+        key = (prefix_len, self.device)
+        plans = self.__dict__.setdefault("_plans", {})  # not a buffer: derived from the config, never saved
+        if key not in plans:
+            L, P = self.config.seq_len, prefix_len
+            groups = self._halton_groups()
+            plan, cached = [], 0
+            joining = torch.arange(P, device=self.device)  # positions whose keys join the cache in this pass
+            for group in groups:
+                m, n = len(joining), len(group)
+                allowed = torch.ones(m + n, cached + m + n, dtype=torch.bool, device=self.device)
+                allowed[:, cached + m:] = False
+                allowed[m:, cached + m:] = torch.eye(n, dtype=torch.bool, device=self.device)
+                plan.append((group, torch.cat([joining, P + group]), allowed))
+                cached += m
+                joining = P + group
+            plans[key] = plan
+        return plans[key]
+
     def _sample_group_causal(self, batch: int, class_ids, text_ids, guidance, draw: dict, keep_logits: bool):
         """Halton-order decoding of a group-causal prior, one forward pass per group over cached keys/values: the
-        pass takes the tokens drawn last step (whose keys join the cache) and the queries of this step's group
-        (whose keys are dropped after it, since no later position attends to a query). Arguments as ``_sample_ar``."""
+        pass takes the tokens drawn last step (the prefix in the first pass), whose keys join the cache, and the
+        queries of this step's group, whose keys are dropped after it since no later position attends to a query
+        (see ``_group_causal_plan``). Arguments as ``_sample_ar``."""
         c = self.config
         L, K = c.seq_len, c.codebook_size
         copies = 2 if guidance is not None else 1
         if guidance is not None:
             class_ids, text_ids = self._with_null(class_ids, text_ids)
         prefix = self._prefix(class_ids, text_ids, batch * copies)
-        P = prefix.shape[1]
-        groups = self._halton_groups()
-        caches = [KVCache(P + L + max(len(g) for g in groups)) for _ in self.blocks]
-        if P:  # the prefix attends to itself only, as in training
-            self._transformer(prefix, 0, caches)
+        plan = self._group_causal_plan(prefix.shape[1])
+        caches = [KVCache(prefix.shape[1] + L + max(len(group) for group, _, _ in plan)) for _ in self.blocks]
         offset = self._condition_offset(class_ids, text_ids)
         query = self._embed_tokens(torch.full((batch * copies, 1), self.mask_id, device=self.device), offset)
         tokens = torch.empty(batch, L, dtype=torch.long, device=self.device)
         used = torch.empty(batch, L, K, device=self.device) if keep_logits else None
-        previous = groups[0][:0]
-        for step, group in enumerate(groups):
-            m, n = len(previous), len(group)
-            drawn_before = self._embed_tokens(tokens[:, previous].repeat(copies, 1), offset)
-            x = torch.cat([drawn_before, query.expand(-1, n, -1)], dim=1)
-            positions = P + torch.cat([previous, group])
-            cached = caches[0].length
-            # the new tokens see the cache and each other (one group); each query sees the cache, the new tokens
-            # and itself
-            allowed = torch.ones(m + n, cached + m + n, dtype=torch.bool, device=self.device)
-            allowed[:, cached + m:] = False
-            allowed[m:, cached + m:] = torch.eye(n, dtype=torch.bool, device=self.device)
-            hidden = self._transformer(x, caches=caches, positions=positions, attn_mask=allowed)[:, m:]
+        joining, previous = prefix, None
+        for step, (group, positions, allowed) in enumerate(plan):
+            n = len(group)
+            if previous is not None:
+                joining = self._embed_tokens(tokens[:, previous].repeat(copies, 1), offset)
+            x = torch.cat([joining, query.expand(-1, n, -1)], dim=1)
+            hidden = self._transformer(x, caches=caches, positions=positions, attn_mask=allowed, keep_last=n)
             for cache in caches:
                 cache.drop_last(n)
             logits = self._head(hidden).float()
             if guidance is not None:
-                logits = combine_guidance(logits, guidance((step + 1) / len(groups)))
+                logits = combine_guidance(logits, guidance((step + 1) / len(plan)))
             tokens[:, group] = sample_from_logits(logits.reshape(batch * n, K), **draw)[0].reshape(batch, n)
             if keep_logits:
                 used[:, group] = logits
