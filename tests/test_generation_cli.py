@@ -190,9 +190,9 @@ def test_eval_samples_applies_the_sampling_options(tokenizer_dir, tmp_path, monk
                         lambda p, t, sampling: used.append(sampling) or real_generator(p, t, sampling))
     out = tmp_path / "eval.json"
     assert main(["eval", "samples", "--prior", str(prior), "--per-class", "2", "--no-timing", "--order", "halton",
-                 "--top-p", "0.9", "--guidance", "1.5", "--steps", "4", "--json", str(out)]) == 0
+                 "--top-p", "0.9", "--min-p", "0.05", "--guidance", "1.5", "--steps", "4", "--json", str(out)]) == 0
     saved = json.loads((prior / "sampling.json").read_text())
-    assert used[-1] == {**saved, "order": "halton", "top_p": 0.9, "guidance_scale": 1.5, "steps": 4}
+    assert used[-1] == {**saved, "order": "halton", "top_p": 0.9, "min_p": 0.05, "guidance_scale": 1.5, "steps": 4}
     result = json.loads(out.read_text())
     assert result["num_samples"] == 20 and 0 <= result["class_accuracy"] <= 1 and result["fd"] >= 0
     # --fid inception adds the standard FID beside its floor (random Inception weights; its features are replaced by

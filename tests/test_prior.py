@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vqkit.io import VQKitFileError
-from vqkit.models.prior import TokenPrior, TokenPriorConfig, halton_order, masked_counts
+from vqkit.models.prior import TokenPrior, TokenPriorConfig, halton_order, masked_counts, sample_from_logits
 from vqkit.models.text import ByteTokenizer, make_text_tokenizer, split_words, word_vocabulary
 
 K, GRID = 16, (3, 4)
@@ -476,6 +476,8 @@ def test_input_validation():
         prior.sample(1, 0, temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         prior.sample(1, 0, top_p=0)
+    with pytest.raises(ValueError, match="min_p"):
+        prior.sample(1, 0, min_p=1.0)
     unconditional = tiny("mask")
     with pytest.raises(ValueError, match="without class conditioning"):
         unconditional(grids(1), [0])
@@ -608,3 +610,21 @@ def test_a_prior_preset_builds_the_config_its_prior_section_says(preset):
 
     section = load_yaml(preset_path(preset)).get("prior", {})
     assert resolve_config(preset=preset, kind="prior").prior == TokenPriorConfig(**section)
+
+
+def test_min_p_drops_the_tokens_below_its_share_of_the_best_and_renormalises():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]])
+    generator = torch.Generator().manual_seed(0)
+    drawn, log_probs = zip(*(sample_from_logits(probs.log(), 1.0, None, None, generator, min_p=0.2)
+                             for _ in range(3000)))
+    drawn, log_probs = torch.stack(drawn), torch.stack(log_probs)
+    # row 0 keeps p >= 0.1 (tokens 0-2), row 1 keeps p >= 0.16 (token 3 only)
+    assert set(drawn[:, 0].tolist()) == {0, 1, 2} and set(drawn[:, 1].tolist()) == {3}
+    kept = torch.tensor([0.5, 0.3, 0.15]) / 0.95
+    share = torch.bincount(drawn[:, 0], minlength=3)[:3] / len(drawn)
+    assert torch.allclose(share, kept, atol=0.03)
+    assert torch.allclose(log_probs[:, 0], kept.log()[drawn[:, 0]]) and torch.allclose(log_probs[:, 1], torch.zeros(3000))
+    # min_p = 0 or None cuts nothing
+    for off in (0.0, None):
+        assert set(sample_from_logits(probs[:1].log().expand(2000, 4), 1.0, None, None, generator,
+                                      min_p=off)[0].tolist()) == {0, 1, 2, 3}

@@ -99,7 +99,7 @@ def cmd_sample(args) -> int:
     if args.text is not None:
         condition = {**(condition or {}), "captions": args.text}
     kwargs = sampling_kwargs(defaults, prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule, steps=args.steps,
+                             min_p=args.min_p, guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule, steps=args.steps,
                              revisit=args.revisit, order=args.order)
     grids = prior.sample(args.n, condition, seed=args.seed, batch_size=args.batch_size, **kwargs)
     images = decode_samples(tokenizer, grids)
@@ -149,7 +149,8 @@ def cmd_eval_samples(args) -> int:
 
         prior, tokenizer, sampling = load_generator(args.prior)
         options = dict(guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       steps=args.steps,
                        revisit=args.revisit, order=args.order)
         overrides = {k: v for k, v in options.items() if v is not None}
         generate = prior_generator(prior, tokenizer, {**sampling, **overrides})
@@ -489,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float)
     sm.add_argument("--top-k", type=int, dest="top_k")
     sm.add_argument("--top-p", type=float, dest="top_p")
+    sm.add_argument("--min-p", type=float, dest="min_p",
+                    help="drop tokens less likely than this times the most likely one")
     sm.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: off)")
     sm.add_argument("--guidance-schedule", choices=["constant", "linear"], dest="guidance_schedule",
                     help="linear: ramp the guidance scale up from 1 over the decoding")
@@ -561,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--temperature", type=float)
     es.add_argument("--top-k", type=int, dest="top_k")
     es.add_argument("--top-p", type=float, dest="top_p")
+    es.add_argument("--min-p", type=float, dest="min_p",
+                    help="drop tokens less likely than this times the most likely one")
     es.add_argument("--steps", type=int, help="parallel decoding steps (masked prior)")
     es.add_argument("--revisit", action="store_true", default=None,
                     help="masked prior: let decoded tokens be re-masked (for priors trained with input_noise)")

@@ -291,9 +291,12 @@ def uniform(shape, generator: torch.Generator | None, device: torch.device) -> t
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None,
+                       min_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of logits [N, K]; returns (tokens [N], their log-probability under the filtered
-    distribution that was sampled)."""
+    distribution that was sampled). ``min_p`` drops the tokens less likely than ``min_p`` times the most likely one
+    (Nguyen et al., 2024), after top-k and top-p: a cut that follows the row's confidence, where top-k keeps the
+    same number of tokens for a peaked row as for a flat one."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_best = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -304,6 +307,10 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int | No
         # Drop a token when the more likely ones already reach top_p (the most likely token always stays).
         drop_sorted = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p is not None and min_p > 0:
+        # in log space: p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+        best = logits.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(logits < best + math.log(min_p), float("-inf"))
     log_probs = logits.log_softmax(-1)
     tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(1)
@@ -350,7 +357,8 @@ def _halton_cells(height: int, width: int) -> tuple[int, ...]:
 
 
 def check_sampling_options(*, temperature: float, top_k: int | None, top_p: float | None, steps: int,
-                           guidance_schedule: str, order: str, revisit: bool, **_) -> None:
+                           guidance_schedule: str, order: str, revisit: bool, min_p: float | None = None,
+                           **_) -> None:
     """Raise ValueError for sampling settings ``TokenPrior.sample`` cannot use. Shared with the saved
     ``SamplingConfig``, so that a bad setting is refused before a prior trains, not when it first samples."""
     if steps < 1:
@@ -361,6 +369,8 @@ def check_sampling_options(*, temperature: float, top_k: int | None, top_p: floa
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise ValueError(f"min_p must be in [0, 1) or None, got {min_p}")
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
     if order not in MASK_ORDERS:
@@ -785,8 +795,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, condition=None, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, guidance_scale: float = 1.0, steps: int | None = None,
-               remask_temperature: float = 4.5, revisit: bool = False, guidance_schedule: str = "constant",
+               top_p: float | None = None, min_p: float | None = None, guidance_scale: float = 1.0,
+               steps: int | None = None, remask_temperature: float = 4.5, revisit: bool = False, guidance_schedule: str = "constant",
                order: str | None = None, seed: int | None = None, batch_size: int = 64,
                grid: tuple[int, int] | None = None, return_logits: bool = False):
         """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
@@ -795,7 +805,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), conditional and unconditional halves
         run as one batch (s = 1 is the plain conditional model); ``guidance_schedule`` "linear" ramps the scale from
         1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
-        ``top_k``, ``top_p`` shape the distribution each token is drawn from. Mask mode decodes in ``steps``
+        ``top_k``, ``top_p``, ``min_p`` shape the distribution each token is drawn from (see ``sample_from_logits``). Mask mode decodes in ``steps``
         parallel steps; which drawn tokens stay is decided by their log-probability plus Gumbel noise scaled by
         ``remask_temperature * (1 - step/steps)``; ``revisit`` lets tokens decoded earlier be re-masked too (see
         ``_sample_mask``). ``order`` "halton" decodes the positions in a fixed, spatially spread order instead of by
@@ -814,7 +824,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         halton_trained = c.mode == "mask" and c.train_masks == "halton"
         steps = (c.train_mask_steps if halton_trained else 8) if steps is None else steps
         order = ("halton" if halton_trained else "confidence") if order is None else order
-        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
+        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, steps=steps,
                                guidance_schedule=guidance_schedule, order=order, revisit=revisit)
         if c.group_causal and (order != "halton" or steps != c.train_mask_steps):
             raise ValueError(f"a group-causal prior decodes its {c.train_mask_steps} Halton groups in order and "
@@ -827,7 +837,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
         scale_at = None if guidance is None else (lambda done: scheduled_guidance(guidance, guidance_schedule, done))
         samples, logits = [], []
         with self._eval_mode():

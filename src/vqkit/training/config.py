@@ -118,6 +118,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # drop tokens less likely than min_p times the most likely one
     guidance_scale: float = 1.0
     guidance_schedule: str = "constant"  # constant | linear (from 1 at the first token or step up to guidance_scale)
     steps: int = 8  # mask mode: parallel decoding steps
