@@ -9,7 +9,7 @@ its samples for 500 TRAIN captions match them, and TEST's 500 captions are print
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.0 1.0:20:1.5
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-ar --settings 1.0:none:1.5:0.9
     python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-mask --settings 1.0:20:2.5:none:linear
-    python benchmarks/sampling_sweep.py --prior runs/bench-generation/prior-mask --settings 1.0:none:2.0:none:linear+min_p=0.05
+    python benchmarks/sampling_sweep.py --prior runs/exp/mask --settings 1.0:none:2.0:none:linear+min_p=0.05
     python benchmarks/sampling_sweep.py --prior runs/shapes-words --data shapes --settings 1.0:20:2.0 1.0:20:3.0
 """
 
@@ -115,13 +115,17 @@ def main() -> None:
     def generator_for(text: str):
         """The prior's saved sampling settings with this setting (and --steps) applied."""
         base, *flags = text.split("+")
-        min_p = [float(f.split("=", 1)[1]) for f in flags if f.startswith("min_p=")]
+        min_p = {}
+        for flag in [f for f in flags if f.startswith("min_p=")]:
+            try:
+                min_p = {"min_p": float(flag.removeprefix("min_p="))}
+            except ValueError:
+                raise SystemExit(f"setting {text!r}: {flag!r} is not min_p=<number>") from None
         unknown = {f for f in flags if not f.startswith("min_p=")} - {"revisit", "halton"}
         if unknown:
             raise SystemExit(f"setting {text!r}: unknown flag(s) {sorted(unknown)} (known: +revisit, +halton, "
                              f"+min_p=P)")
-        setting = {**sampling, **parse_setting(base), **({"steps": args.steps} if args.steps else {}),
-                   **({"min_p": min_p[-1]} if min_p else {}),
+        setting = {**sampling, **parse_setting(base), **({"steps": args.steps} if args.steps else {}), **min_p,
                    **({"revisit": True} if "revisit" in flags else {}),
                    **({"order": "halton"} if "halton" in flags else {})}
         return prior_generator(prior, tokenizer, setting), setting

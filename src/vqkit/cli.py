@@ -99,8 +99,8 @@ def cmd_sample(args) -> int:
     if args.text is not None:
         condition = {**(condition or {}), "captions": args.text}
     kwargs = sampling_kwargs(defaults, prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             min_p=args.min_p, guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule, steps=args.steps,
-                             revisit=args.revisit, order=args.order)
+                             min_p=args.min_p, guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
+                             steps=args.steps, revisit=args.revisit, order=args.order)
     grids = prior.sample(args.n, condition, seed=args.seed, batch_size=args.batch_size, **kwargs)
     images = decode_samples(tokenizer, grids)
     out = Path(args.out)
@@ -150,8 +150,7 @@ def cmd_eval_samples(args) -> int:
         prior, tokenizer, sampling = load_generator(args.prior)
         options = dict(guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       steps=args.steps,
-                       revisit=args.revisit, order=args.order)
+                       steps=args.steps, revisit=args.revisit, order=args.order)
         overrides = {k: v for k, v in options.items() if v is not None}
         generate = prior_generator(prior, tokenizer, {**sampling, **overrides})
         text = prior.config.text_vocab is not None

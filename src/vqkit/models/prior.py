@@ -796,22 +796,22 @@ class TokenPrior(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def sample(self, n: int, condition=None, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, min_p: float | None = None, guidance_scale: float = 1.0,
-               steps: int | None = None, remask_temperature: float = 4.5, revisit: bool = False, guidance_schedule: str = "constant",
-               order: str | None = None, seed: int | None = None, batch_size: int = 64,
-               grid: tuple[int, int] | None = None, return_logits: bool = False):
+               steps: int | None = None, remask_temperature: float = 4.5, revisit: bool = False,
+               guidance_schedule: str = "constant", order: str | None = None, seed: int | None = None,
+               batch_size: int = 64, grid: tuple[int, int] | None = None, return_logits: bool = False):
         """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
 
         ``condition``: as in ``forward``, one for all samples (an int or a str) or one per sample. ``guidance_scale``
         s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), conditional and unconditional halves
         run as one batch (s = 1 is the plain conditional model); ``guidance_schedule`` "linear" ramps the scale from
         1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
-        ``top_k``, ``top_p``, ``min_p`` shape the distribution each token is drawn from (see ``sample_from_logits``). Mask mode decodes in ``steps``
-        parallel steps; which drawn tokens stay is decided by their log-probability plus Gumbel noise scaled by
-        ``remask_temperature * (1 - step/steps)``; ``revisit`` lets tokens decoded earlier be re-masked too (see
-        ``_sample_mask``). ``order`` "halton" decodes the positions in a fixed, spatially spread order instead of by
-        confidence (see ``halton_order``). ``steps`` and ``order`` default to what the prior was trained for:
-        ``train_mask_steps`` and "halton" for Halton masks, else 8 and "confidence"; a group-causal prior can only
-        be sampled that way.
+        ``top_k``, ``top_p``, ``min_p`` shape the distribution each token is drawn from (see ``sample_from_logits``).
+        Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay is decided by their log-probability
+        plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``; ``revisit`` lets tokens decoded
+        earlier be re-masked too (see ``_sample_mask``). ``order`` "halton" decodes the positions in a fixed,
+        spatially spread order instead of by confidence (see ``halton_order``). ``steps`` and ``order`` default to
+        what the prior was trained for: ``train_mask_steps`` and "halton" for Halton masks, else 8 and "confidence";
+        a group-causal prior can only be sampled that way.
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
         torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
         also return the (guided) logits [n, h, w, K] that each token was drawn from.
