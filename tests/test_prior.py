@@ -338,6 +338,36 @@ def test_classifier_free_guidance(mode, every_token):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["ar", "group_causal", "mask"])
+def test_autoguidance_draws_from_guide_plus_scaled_difference(kind):
+    # A weaker prior of the same kind guides in place of the unconditional model: every token is drawn from
+    # guide + s * (prior - guide), both given the condition, whatever the decoding path (cached ar, cached
+    # group-causal, uncached bidirectional masked).
+    make = {"ar": lambda seed: tiny("ar", seed, num_classes=3), "mask": lambda seed: tiny("mask", seed, num_classes=3),
+            "group_causal": lambda seed: group_causal(seed, num_classes=3)}[kind]
+    prior, guide = make(0), make(1)
+    labels, s = [0, 1, 2], 2.0
+    samples, used = prior.sample(3, labels, guidance_scale=s, guide=guide, seed=0, steps=4, return_logits=True)
+    used = used.reshape(3, -1, K)
+    if kind != "mask":  # teacher forcing gives every position's logits for exactly the context it was drawn in
+        strong, weak = prior.logits(samples, labels), guide.logits(samples, labels)
+        torch.testing.assert_close(used, weak + s * (strong - weak), rtol=1e-5, atol=1e-5)
+    else:  # the first step decodes from the all-[MASK] grid
+        everything_masked = torch.full((3, 12), K)
+        strong, weak = prior.logits(everything_masked, labels), guide.logits(everything_masked, labels)
+        first_step = (used - (weak + s * (strong - weak))).abs().amax(-1) < 1e-5
+        assert first_step.any() and not first_step.all()
+    # scale 1 is the prior alone; a guide of another kind is refused by name
+    plain = prior.sample(3, labels, seed=0, steps=4)
+    assert torch.equal(prior.sample(3, labels, seed=0, steps=4, guide=guide), plain)
+    other = tiny("ar" if kind != "ar" else "mask", 0, num_classes=3)
+    with pytest.raises(ValueError, match="mode"):
+        prior.sample(3, labels, guidance_scale=s, guide=other)
+    unconditional = {"ar": tiny("ar", 1), "mask": tiny("mask", 1), "group_causal": group_causal(1)}[kind]
+    with pytest.raises(ValueError, match="num_classes"):
+        prior.sample(3, labels, guidance_scale=s, guide=unconditional)
+
+
 @pytest.mark.parametrize("mode", ["ar", "mask"])
 def test_linear_guidance_schedule_ramps_the_scale(mode):
     prior = tiny(mode, num_classes=3, class_at_every_token=True)

@@ -14,10 +14,12 @@ from ..data.sources import load_source
 GenerateFn = Callable[..., torch.Tensor]
 
 
-def prior_generator(prior, tokenizer, sampling: dict) -> GenerateFn:
+def prior_generator(prior, tokenizer, sampling: dict, guide=None) -> GenerateFn:
     from .generate import decode_samples, sampling_kwargs
 
     kwargs = sampling_kwargs(sampling, prior)
+    if guide is not None:
+        kwargs["guide"] = guide
 
     def generate(n, condition=None, seed=0, batch_size=64):
         grids = prior.sample(n, condition, seed=seed, batch_size=batch_size, **kwargs)

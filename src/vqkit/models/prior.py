@@ -678,6 +678,19 @@ class TokenPrior(PretrainedMixin, nn.Module):
         if guidance_scale is not None and self.class_emb is None and self.text_emb is None:
             raise ValueError("classifier-free guidance needs a prior with class or text conditioning")
 
+    def _check_guide(self, guide: "TokenPrior") -> None:
+        """A guide must decode the same way over the same tokens and read the same conditions."""
+        if not isinstance(guide, TokenPrior):
+            raise TypeError(f"the guide must be a TokenPrior, got {type(guide).__name__}")
+        mine, theirs = self.config, guide.config
+        same = ("mode", "token_grid", "codebook_size", "mask_attention", "train_masks", "train_mask_steps",
+                "num_classes", "text_vocab", "max_text_len")
+        differ = [f"{key} {getattr(theirs, key)!r} (this prior: {getattr(mine, key)!r})" for key in same
+                  if key in mine.__dataclass_fields__ and getattr(mine, key) != getattr(theirs, key)]
+        if differ:
+            raise ValueError("the guide must be a prior of the same kind as the one it guides; it has "
+                             + ", ".join(differ))
+
     # ------------------------------------------------------------------------------------------------ public API
     def logits(self, indices: torch.Tensor, condition=None, *, guidance_scale: float | None = None) -> torch.Tensor:
         """Logits [B, h*w, K] over the image tokens in raster order (see ``_image_logits``).
@@ -798,7 +811,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
                top_p: float | None = None, min_p: float | None = None, guidance_scale: float = 1.0,
                steps: int | None = None, remask_temperature: float = 4.5, revisit: bool = False,
                guidance_schedule: str = "constant", order: str | None = None, seed: int | None = None,
-               batch_size: int = 64, grid: tuple[int, int] | None = None, return_logits: bool = False):
+               batch_size: int = 64, grid: tuple[int, int] | None = None, return_logits: bool = False,
+               guide: "TokenPrior | None" = None):
         """Sample ``n`` token grids, int64 [n, h, w] (in eval mode).
 
         ``condition``: as in ``forward``, one for all samples (an int or a str) or one per sample. ``guidance_scale``
@@ -815,6 +829,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         ``seed``: the same seed gives the same samples (for the same ``batch_size`` and device); None draws from
         torch's global generator. ``grid`` defaults to (and must equal) the prior's token grid. ``return_logits``:
         also return the (guided) logits [n, h, w, K] that each token was drawn from.
+        ``guide``: a weaker prior of the same kind over the same tokenizer (fewer training steps, say) that guides this
+        one in place of the unconditional model ("autoguidance", Karras et al., NeurIPS 2024): logits = guide + s *
+        (prior - guide), both given the condition, with ``guidance_scale`` s and its schedule as above.
         """
         c = self.config
         if grid is not None and tuple(grid) != tuple(c.token_grid):
@@ -834,7 +851,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
                           f"only; sampling it with order={order!r} and steps={steps} shows it other masks "
                           f"(use order='halton', steps={c.train_mask_steps})", stacklevel=2)
         guidance = None if guidance_scale == 1.0 else float(guidance_scale)
-        self._check_guidance(guidance)
+        if guide is not None:
+            self._check_guide(guide)
+        else:
+            self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
@@ -843,12 +863,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
         with self._eval_mode():
             for batch in torch.arange(n, device=self.device).split(batch_size):
                 cond = (None if class_ids is None else class_ids[batch], None if text_ids is None else text_ids[batch])
-                if c.mode == "ar":
-                    tokens, used = self._sample_ar(len(batch), *cond, scale_at, draw, return_logits)
-                elif c.group_causal:
-                    tokens, used = self._sample_group_causal(len(batch), *cond, scale_at, draw, return_logits)
+                if c.mode == "ar" or c.group_causal:
+                    tokens, used = self._sample_ordered(len(batch), *cond, scale_at, guide, draw, return_logits)
                 else:
-                    tokens, used = self._sample_mask(len(batch), *cond, scale_at, steps, remask_temperature,
+                    tokens, used = self._sample_mask(len(batch), *cond, scale_at, guide, steps, remask_temperature,
                                                      revisit, order, draw, return_logits)
                 samples.append(tokens)
                 logits.append(used)
@@ -857,31 +875,47 @@ class TokenPrior(PretrainedMixin, nn.Module):
             return samples, torch.cat(logits).reshape(n, *c.token_grid, c.codebook_size)
         return samples
 
-    def _sample_ar(self, batch: int, class_ids, text_ids, guidance, draw: dict, keep_logits: bool):
-        """Raster-order decoding, one token per forward pass over cached keys/values. ``guidance``: None, or the
-        guidance scale as a function of the share of decoding done. Returns (tokens, the logits each was drawn from
-        if ``keep_logits``, else None)."""
-        c = self.config
-        if guidance is not None:
-            class_ids, text_ids = self._with_null(class_ids, text_ids)
-        prefix = self._prefix(class_ids, text_ids, batch * (2 if guidance is not None else 1))
-        caches = [KVCache(c.prefix_len + c.seq_len) for _ in self.blocks]
-        offset = self._condition_offset(class_ids, text_ids)
-        hidden = self._transformer(prefix, 0, caches, keep_last=1)[:, -1]
-        tokens = torch.empty(batch, c.seq_len, dtype=torch.long, device=self.device)
-        used = torch.empty(batch, c.seq_len, c.codebook_size, device=self.device) if keep_logits else None
-        for i in range(c.seq_len):
-            logits = self._head(hidden).float()
+    def _decode_groups(self) -> list[torch.Tensor | slice]:
+        """The positions each pass of ordered decoding draws: one per pass in raster order (ar, as slices, which
+        index without the cost of a gather), or the Halton groups (group-causal)."""
+        if self.config.mode == "ar":
+            return [slice(i, i + 1) for i in range(self.config.seq_len)]
+        return self._halton_groups()
+
+    def _sample_ordered(self, batch: int, class_ids, text_ids, guidance, guide: "TokenPrior | None", draw: dict,
+                        keep_logits: bool):
+        """Decoding in a fixed order with cached keys and values, one forward pass per group of ``_decode_groups``
+        (ar: a token; group-causal: a Halton group). ``guidance``: None, or the guidance scale as a function of the
+        share of decoding done. Without ``guide`` that is classifier-free guidance (conditional and unconditional
+        halves in one batch); with it, autoguidance: the logits are guide + s * (prior - guide), both conditional.
+        Returns (tokens, the logits each was drawn from if ``keep_logits``, else None)."""
+        L, K = self.config.seq_len, self.config.codebook_size
+        if guidance is not None and guide is None:
+            decoders = [self._decoder(batch, *self._with_null(class_ids, text_ids), copies=2)]
+        else:
+            decoders = [self._decoder(batch, class_ids, text_ids)]
             if guidance is not None:
-                logits = combine_guidance(logits, guidance((i + 1) / c.seq_len))
+                decoders.append(guide._decoder(batch, class_ids, text_ids))
+        groups = self._decode_groups()
+        tokens = torch.empty(batch, L, dtype=torch.long, device=self.device)
+        used = torch.empty(batch, L, K, device=self.device) if keep_logits else None
+        previous = None
+        for step, group in enumerate(groups):
+            outputs = [decoder.step(previous) for decoder in decoders]
+            logits = outputs[0]
+            if guidance is not None:
+                scale = guidance((step + 1) / len(groups))
+                logits = combine_guidance(logits, scale) if guide is None else outputs[1] + scale * (logits - outputs[1])
+            n = logits.shape[1]
+            tokens[:, group] = sample_from_logits(logits.reshape(batch * n, K), **draw)[0].reshape(batch, n)
             if keep_logits:
-                used[:, i] = logits
-            tokens[:, i] = sample_from_logits(logits, **draw)[0]
-            if i + 1 < c.seq_len:
-                step_input = tokens[:, i].repeat(2 if guidance is not None else 1)
-                hidden = self._transformer(self._embed_tokens(step_input[:, None], offset), c.prefix_len + i,
-                                           caches)[:, -1]
+                used[:, group] = logits
+            previous = tokens[:, group]
         return tokens, used
+
+    def _decoder(self, batch: int, class_ids, text_ids, copies: int = 1) -> "_ARDecoder | _GroupCausalDecoder":
+        kind = _ARDecoder if self.config.mode == "ar" else _GroupCausalDecoder
+        return kind(self, batch * copies, class_ids, text_ids, copies)
 
     def _group_causal_plan(self, prefix_len: int) -> list[tuple]:
         """What each pass of group-causal sampling feeds in, computed once per prefix length and device:
@@ -907,43 +941,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
             plans[key] = plan
         return plans[key]
 
-    def _sample_group_causal(self, batch: int, class_ids, text_ids, guidance, draw: dict, keep_logits: bool):
-        """Halton-order decoding of a group-causal prior, one forward pass per group over cached keys/values: the
-        pass takes the tokens drawn last step (the prefix in the first pass), whose keys join the cache, and the
-        queries of this step's group, whose keys are dropped after it since no later position attends to a query
-        (see ``_group_causal_plan``). Arguments as ``_sample_ar``."""
-        c = self.config
-        L, K = c.seq_len, c.codebook_size
-        copies = 2 if guidance is not None else 1
-        if guidance is not None:
-            class_ids, text_ids = self._with_null(class_ids, text_ids)
-        prefix = self._prefix(class_ids, text_ids, batch * copies)
-        plan = self._group_causal_plan(prefix.shape[1])
-        caches = [KVCache(prefix.shape[1] + L + max(len(group) for group, _, _ in plan)) for _ in self.blocks]
-        offset = self._condition_offset(class_ids, text_ids)
-        query = self._embed_tokens(torch.full((batch * copies, 1), self.mask_id, device=self.device), offset)
-        tokens = torch.empty(batch, L, dtype=torch.long, device=self.device)
-        used = torch.empty(batch, L, K, device=self.device) if keep_logits else None
-        joining, previous = prefix, None
-        for step, (group, positions, allowed) in enumerate(plan):
-            n = len(group)
-            if previous is not None:
-                joining = self._embed_tokens(tokens[:, previous].repeat(copies, 1), offset)
-            x = torch.cat([joining, query.expand(-1, n, -1)], dim=1)
-            hidden = self._transformer(x, caches=caches, positions=positions, attn_mask=allowed, keep_last=n)
-            for cache in caches:
-                cache.drop_last(n)
-            logits = self._head(hidden).float()
-            if guidance is not None:
-                logits = combine_guidance(logits, guidance((step + 1) / len(plan)))
-            tokens[:, group] = sample_from_logits(logits.reshape(batch * n, K), **draw)[0].reshape(batch, n)
-            if keep_logits:
-                used[:, group] = logits
-            previous = group
-        return tokens, used
-
-    def _sample_mask(self, batch: int, class_ids, text_ids, guidance, steps: int, remask_temperature: float,
-                     revisit: bool, order: str, draw: dict, keep_logits: bool):
+    def _sample_mask(self, batch: int, class_ids, text_ids, guidance, guide: "TokenPrior | None", steps: int,
+                     remask_temperature: float, revisit: bool, order: str, draw: dict, keep_logits: bool):
         """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the
         rest; a cosine schedule sets how many stay masked after step t (none after the last). Kept tokens are never
         revisited, unless ``revisit``: then the tokens decoded in earlier steps are ranked with the new ones by their
@@ -965,7 +964,12 @@ class TokenPrior(PretrainedMixin, nn.Module):
             masked = tokens == self.mask_id
             progress = (step + 1) / steps
             scale = None if guidance is None else guidance(progress)
-            logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
+            if guide is not None and scale is not None:
+                logits = self._image_logits(tokens, class_ids, text_ids).float()
+                weak = guide._image_logits(tokens, class_ids, text_ids).float()
+                logits = weak + scale * (logits - weak)
+            else:
+                logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
             drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
             stay_masked = counts[step + 1] if step + 1 < len(counts) else 0
             if order == "halton":
@@ -987,6 +991,59 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 decoded_now = masked & (tokens != self.mask_id)
                 used[decoded_now] = logits[decoded_now]
         return tokens, used
+
+
+class _ARDecoder:
+    """Raster-order decoding state of one AR prior for ``rows`` = ``copies`` * B conditions (B samples, stacked as
+    [conditional; unconditional] for guidance): ``step(previous)`` feeds the token drawn last ([B, 1], None at first)
+    and returns the logits [rows, 1, K] of the next position."""
+
+    def __init__(self, prior: TokenPrior, rows: int, class_ids, text_ids, copies: int):
+        c = prior.config
+        self.prior, self.copies, self.fed = prior, copies, 0
+        self.prefix = prior._prefix(class_ids, text_ids, rows)
+        self.offset = prior._condition_offset(class_ids, text_ids)
+        self.caches = [KVCache(c.prefix_len + c.seq_len) for _ in prior.blocks]
+
+    def step(self, previous: torch.Tensor | None) -> torch.Tensor:
+        p = self.prior
+        if previous is None:
+            hidden = p._transformer(self.prefix, 0, self.caches, keep_last=1)[:, -1:]
+        else:
+            x = p._embed_tokens(previous.repeat(self.copies, 1), self.offset)
+            hidden = p._transformer(x, p.config.prefix_len + self.fed, self.caches)[:, -1:]
+            self.fed += 1
+        return p._head(hidden).float()
+
+
+class _GroupCausalDecoder:
+    """Halton-order decoding state of one group-causal prior, one forward pass per group over cached keys/values:
+    ``step(previous)`` feeds the tokens of the group drawn last (None at first: the prefix is fed instead), whose keys
+    join the cache, with the queries of this step's group, whose keys are dropped after it since no later position
+    attends to a query (see ``TokenPrior._group_causal_plan``); it returns the group's logits [rows, n, K]. Arguments
+    as ``_ARDecoder``."""
+
+    def __init__(self, prior: TokenPrior, rows: int, class_ids, text_ids, copies: int):
+        self.prior, self.copies, self.done = prior, copies, 0
+        self.joining = prior._prefix(class_ids, text_ids, rows)
+        self.plan = prior._group_causal_plan(self.joining.shape[1])
+        longest = max(len(group) for group, _, _ in self.plan)
+        self.caches = [KVCache(self.joining.shape[1] + prior.config.seq_len + longest) for _ in prior.blocks]
+        self.offset = prior._condition_offset(class_ids, text_ids)
+        self.query = prior._embed_tokens(torch.full((rows, 1), prior.mask_id, device=prior.device), self.offset)
+
+    def step(self, previous: torch.Tensor | None) -> torch.Tensor:
+        p = self.prior
+        group, positions, allowed = self.plan[self.done]
+        n = len(group)
+        if previous is not None:
+            self.joining = p._embed_tokens(previous.repeat(self.copies, 1), self.offset)
+        x = torch.cat([self.joining, self.query.expand(-1, n, -1)], dim=1)
+        hidden = p._transformer(x, caches=self.caches, positions=positions, attn_mask=allowed, keep_last=n)
+        for cache in self.caches:
+            cache.drop_last(n)
+        self.done += 1
+        return p._head(hidden).float()
 
 
 TokenPrior.MODEL_TYPE = "vqkit.TokenPrior"
