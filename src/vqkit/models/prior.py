@@ -686,7 +686,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         same = ("mode", "token_grid", "codebook_size", "mask_attention", "train_masks", "train_mask_steps",
                 "num_classes", "text_vocab", "max_text_len")
         differ = [f"{key} {getattr(theirs, key)!r} (this prior: {getattr(mine, key)!r})" for key in same
-                  if key in mine.__dataclass_fields__ and getattr(mine, key) != getattr(theirs, key)]
+                  if getattr(mine, key) != getattr(theirs, key)]
         if differ:
             raise ValueError("the guide must be a prior of the same kind as the one it guides; it has "
                              + ", ".join(differ))
@@ -905,7 +905,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
             logits = outputs[0]
             if guidance is not None:
                 scale = guidance((step + 1) / len(groups))
-                logits = combine_guidance(logits, scale) if guide is None else outputs[1] + scale * (logits - outputs[1])
+                if guide is None:
+                    logits = combine_guidance(logits, scale)
+                else:
+                    logits = outputs[1] + scale * (logits - outputs[1])
             n = logits.shape[1]
             tokens[:, group] = sample_from_logits(logits.reshape(batch * n, K), **draw)[0].reshape(batch, n)
             if keep_logits:
