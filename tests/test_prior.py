@@ -158,12 +158,13 @@ def test_mask_sampling_keeps_decoded_tokens_and_uses_the_steps():
     assert prior.sample(2, 1, steps=50, seed=0).shape == (2, *GRID)  # more steps than tokens
 
 
-def test_halton_training_masks_are_the_masks_halton_sampling_meets():
+@pytest.mark.parametrize("schedule", ["cosine", "cubic"])
+def test_halton_training_masks_are_the_masks_halton_sampling_meets(schedule):
     steps = 4
-    prior = tiny("mask", num_classes=3, train_masks="halton", train_mask_steps=steps)
+    prior = tiny("mask", num_classes=3, train_masks="halton", train_mask_steps=steps, mask_schedule=schedule)
     drawn = prior.draw_mask(400, torch.Generator().manual_seed(0))
     train_masks = {tuple(m.tolist()) for m in drawn}
-    assert len(train_masks) == len(masked_counts(12, steps))  # one mask per decoding step, each drawn
+    assert len(train_masks) == len(masked_counts(12, steps, schedule))  # one mask per decoding step, each drawn
     seen = []
     image_logits = prior._image_logits
 
@@ -181,6 +182,34 @@ def test_halton_training_masks_are_the_masks_halton_sampling_meets():
         TokenPriorConfig(mode="mask", train_masks="raster")
     with pytest.warns(UserWarning, match="order='halton', steps=4"):  # sampled off the masks it learned
         prior.sample(2, [0, 1], seed=0, steps=steps, order="confidence")
+
+
+def step_sizes(length: int, steps: int, schedule: str) -> list[int]:
+    counts = masked_counts(length, steps, schedule) + [0]
+    return [now - after for now, after in zip(counts, counts[1:])]
+
+
+def test_mask_schedules_set_how_many_tokens_each_step_decodes():
+    for schedule in ("cosine", "square", "cubic", "linear"):
+        for length, steps in [(49, 8), (12, 4), (5, 8), (256, 12)]:
+            counts = masked_counts(length, steps, schedule)
+            assert counts[0] == length and len(counts) == min(steps, length)
+            assert all(a > b > 0 for a, b in zip(counts, counts[1:]))
+    assert step_sizes(49, 8, "cosine") == [1, 3, 5, 6, 7, 9, 9, 9]  # MaskGIT's
+    assert step_sizes(49, 8, "cubic") == [1, 1, 1, 4, 5, 9, 12, 16]  # one token at a time first, as AR draws
+    assert step_sizes(49, 8, "linear") == [7, 6, 6, 6, 6, 6, 6, 6]
+    # training follows the schedule: a cubic group-causal prior's groups are the cubic step sizes
+    prior = group_causal(mask_schedule="cubic", num_classes=3)
+    assert [len(g) for g in prior._halton_groups()] == step_sizes(12, 4, "cubic") != step_sizes(12, 4, "cosine")
+    samples, used = prior.sample(3, [0, 1, 2], seed=0, guidance_scale=2.0, return_logits=True)
+    forced = prior.logits(samples, [0, 1, 2], guidance_scale=2.0)
+    assert torch.allclose(forced.reshape(used.shape), used, atol=1e-5)
+    random_masks = tiny("mask", mask_schedule="linear").draw_mask(2000, torch.Generator().manual_seed(0))
+    assert abs(float(random_masks.float().mean()) - 0.5) < 0.05  # linear: on average half of the grid masked
+    with pytest.raises(ValueError, match="mask_schedule"):
+        TokenPriorConfig(mode="mask", mask_schedule="exp")
+    with pytest.raises(ValueError, match="mask_schedule"):
+        group_causal().sample(1, guide=group_causal(mask_schedule="cubic"))
 
 
 def test_halton_trained_log_prob_is_a_normalised_likelihood():

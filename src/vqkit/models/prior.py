@@ -6,8 +6,8 @@ One decoder-style transformer serves two modes (``TokenPriorConfig.mode``):
   the start token predicts x_0, the output at x_i predicts x_{i+1}. Sampling decodes one token per forward pass,
   reusing cached keys and values.
 * ``"mask"`` (MaskGIT): bidirectional attention over ``[prefix, x_0, ..., x_{L-1}]`` where some x_i are [MASK].
-  Training masks a cosine-scheduled random fraction of the tokens and scores only those; sampling starts from an
-  all-[MASK] grid and fixes the most confident tokens over a few parallel steps.
+  Training masks a random fraction of the tokens (cosine-scheduled by default) and scores only those; sampling
+  starts from an all-[MASK] grid and fixes the most confident tokens over a few parallel steps.
 
 The prefix holds the condition: a class token (``num_classes``) and/or ``max_text_len`` caption tokens
 (``text_vocab``, see ``vqkit.models.text``), each with its own embedding table; ``class_at_every_token`` also adds the
@@ -37,6 +37,8 @@ CONFIG_VERSION = 1
 MODES = ("ar", "mask")
 TRAIN_MASKS = ("random", "halton")
 MASK_ATTENTIONS = ("bidirectional", "group_causal")
+# MaskGIT's mask schedules gamma(r): the share of tokens still masked after a share r of the decoding steps
+MASK_SCHEDULES = ("cosine", "square", "cubic", "linear")
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -89,6 +91,11 @@ class TokenPriorConfig:
     # its own and earlier Halton groups, a query to those of earlier groups only (and to itself), and the query of
     # position i predicts token i. Sampling then runs the same 8 steps with cached keys and values.
     mask_attention: str = "bidirectional"
+    # Mask mode: how many tokens stay masked after each decoding step, gamma(t / steps) of them (MaskGIT): "cosine"
+    # cos(pi/2 r), "square" 1 - r^2, "cubic" 1 - r^3, "linear" 1 - r. A steeper start (cubic) decodes the first
+    # tokens one at a time, as an AR prior does, and leaves the larger groups for when much of the grid is known.
+    # Training masks (random and Halton) follow it too, so a prior is sampled with the schedule it was trained on.
+    mask_schedule: str = "cosine"
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
 
@@ -123,6 +130,8 @@ class TokenPriorConfig:
             problems.append(f"train_masks must be one of {TRAIN_MASKS}, got {self.train_masks!r}")
         if self.train_mask_steps < 1:
             problems.append(f"train_mask_steps must be >= 1, got {self.train_mask_steps}")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            problems.append(f"mask_schedule must be one of {MASK_SCHEDULES}, got {self.mask_schedule!r}")
         if self.mask_attention not in MASK_ATTENTIONS:
             problems.append(f"mask_attention must be one of {MASK_ATTENTIONS}, got {self.mask_attention!r}")
         elif self.mask_attention == "group_causal" and (self.mode != "mask" or self.train_masks != "halton"):
@@ -386,13 +395,25 @@ def scheduled_guidance(scale: float, schedule: str, progress: float) -> float:
     return scale if schedule == "constant" else 1.0 + (scale - 1.0) * progress
 
 
-def masked_counts(length: int, steps: int) -> list[int]:
+def mask_ratio(r, schedule: str = "cosine"):
+    """gamma(r): the share of tokens still masked after a share ``r`` in [0, 1] of the decoding steps (a float or a
+    tensor), by one of ``MASK_SCHEDULES``; gamma(0) = 1, gamma(1) = 0, decreasing."""
+    if schedule == "cosine":
+        return torch.cos(math.pi / 2 * r) if torch.is_tensor(r) else math.cos(math.pi / 2 * r)
+    power = {"linear": 1, "square": 2, "cubic": 3}.get(schedule)
+    if power is None:
+        raise ValueError(f"mask schedule must be one of {MASK_SCHEDULES}, got {schedule!r}")
+    return 1 - r ** power
+
+
+def masked_counts(length: int, steps: int, schedule: str = "cosine") -> list[int]:
     """How many of ``length`` tokens are still masked when each step of ``steps``-step masked decoding begins:
-    ``length`` at first, then the cosine schedule floor(length * cos(pi/2 * t/steps)), at least one fewer each step
-    (so decoding always finishes within ``steps``); steps that would begin with none masked are left out."""
+    ``length`` at first, then floor(length * gamma(t/steps)) by ``mask_ratio``'s schedule (cosine: MaskGIT's), at
+    least one fewer each step (so decoding always finishes within ``steps``); steps that would begin with none
+    masked are left out."""
     counts = [length]
     for t in range(1, steps):
-        left = min(math.floor(length * math.cos(math.pi / 2 * t / steps)), counts[-1] - 1)
+        left = min(math.floor(length * mask_ratio(t / steps, schedule)), counts[-1] - 1)
         if left <= 0:
             break
         counts.append(left)
@@ -635,7 +656,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         """The positions decoded by each step of ``train_mask_steps``-step Halton-order decoding, int64 tensors."""
         L = self.config.seq_len
         order = halton_order(*self.config.token_grid).to(self.device)
-        counts = masked_counts(L, self.config.train_mask_steps) + [0]
+        counts = masked_counts(L, self.config.train_mask_steps, self.config.mask_schedule) + [0]
         return [order[L - now:L - after] for now, after in zip(counts, counts[1:])]
 
     def _group_causal_mask(self, prefix_len: int) -> torch.Tensor:
@@ -684,7 +705,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
             raise TypeError(f"the guide must be a TokenPrior, got {type(guide).__name__}")
         mine, theirs = self.config, guide.config
         same = ("mode", "token_grid", "codebook_size", "mask_attention", "train_masks", "train_mask_steps",
-                "num_classes", "text_vocab", "max_text_len")
+                "mask_schedule", "num_classes", "text_vocab", "max_text_len")
         differ = [f"{key} {getattr(theirs, key)!r} (this prior: {getattr(mine, key)!r})" for key in same
                   if getattr(mine, key) != getattr(theirs, key)]
         if differ:
@@ -708,15 +729,16 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=self.device))
 
     def draw_mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mask-mode training mask, bool [B, L]. ``train_masks`` "random": per grid, a share cos(pi/2 * u),
+        """Mask-mode training mask, bool [B, L]. ``train_masks`` "random": per grid, a share gamma(u) (``mask_ratio``),
         u ~ U(0, 1), of the positions (at least one), chosen uniformly at random. "halton": per grid, the mask that
         one step of ``train_mask_steps``-step Halton-order decoding begins with, the step drawn uniformly."""
         L = self.config.seq_len
         if self.config.train_masks == "halton":
-            counts = torch.tensor(masked_counts(L, self.config.train_mask_steps), device=self.device)
+            counts = torch.tensor(masked_counts(L, self.config.train_mask_steps, self.config.mask_schedule),
+                                  device=self.device)
             step = (uniform((batch,), generator, self.device) * len(counts)).long().clamp_(max=len(counts) - 1)
             return self._halton_rank()[None, :] >= (L - counts[step])[:, None]
-        ratio = torch.cos(math.pi / 2 * uniform((batch,), generator, self.device))
+        ratio = mask_ratio(uniform((batch,), generator, self.device), self.config.mask_schedule)
         num_masked = (ratio * L).ceil().clamp(1, L)
         rank = uniform((batch, L), generator, self.device).argsort(dim=1).argsort(dim=1)
         return rank < num_masked[:, None]
@@ -724,10 +746,11 @@ class TokenPrior(PretrainedMixin, nn.Module):
     def forward(self, indices: torch.Tensor, condition=None, *,
                 generator: torch.Generator | None = None) -> PriorOutput:
         """Training objective. ar: next-token cross-entropy on every image token. mask: cross-entropy on a random
-        cosine-scheduled share of masked tokens (``draw_mask``), the others visible; with ``mask_attention``
-        "group_causal", on every token given the groups before its own (``_group_causal_logits``). In training mode the condition
-        is dropped to the null one with probability ``cond_dropout``. Randomness comes from ``generator`` if
-        given (condition dropout first, then the mask, then the input noise)."""
+        share of masked tokens (``draw_mask``, by the ``mask_schedule``), the others visible; with
+        ``mask_attention`` "group_causal", on every token given the groups before its own
+        (``_group_causal_logits``). In training mode the condition is dropped to the null one with probability
+        ``cond_dropout``. Randomness comes from ``generator`` if given (condition dropout first, then the mask,
+        then the input noise)."""
         tokens = self._check_tokens(indices)
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         if self.training and self.config.cond_dropout > 0 and (class_ids is not None or text_ids is not None):
@@ -946,13 +969,13 @@ class TokenPrior(PretrainedMixin, nn.Module):
 
     def _sample_mask(self, batch: int, class_ids, text_ids, guidance, guide: "TokenPrior | None", steps: int,
                      remask_temperature: float, revisit: bool, order: str, draw: dict, keep_logits: bool):
-        """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the
-        rest; a cosine schedule sets how many stay masked after step t (none after the last). Kept tokens are never
-        revisited, unless ``revisit``: then the tokens decoded in earlier steps are ranked with the new ones by their
-        log-probability under this step's logits, so a token that no longer fits what was decoded around it can be
+        """MaskGIT decoding: each step draws every masked token, keeps the most confident ones and re-masks the rest;
+        the prior's ``mask_schedule`` sets how many stay masked after step t (none after the last). Kept tokens are
+        never revisited, unless ``revisit``: then the tokens decoded in earlier steps are ranked with the new ones by
+        their log-probability under this step's logits, so a token that no longer fits what was decoded around it can be
         re-masked and drawn again (for a prior trained with ``input_noise``, which learns to judge visible tokens).
-        ``order`` "halton": the same schedule, but each step keeps the next positions of ``halton_order`` instead of
-        the most confident ones (tokens decoded together then sit far apart rather than clustering)."""
+        ``order`` "halton": the same schedule, but each step keeps the next positions of ``halton_order`` instead of the
+        most confident ones (tokens decoded together then sit far apart rather than clustering)."""
         c = self.config
         L, K = c.seq_len, c.codebook_size
         if order == "halton":
@@ -962,7 +985,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         # Every grid follows one schedule, so the count of masked tokens is known here without reading it off the
         # device (which would wait for a GPU every step, so that the next step's kernels could not be queued while
         # the current ones run). Fewer entries than steps when there are more steps than tokens.
-        counts = masked_counts(L, steps)
+        counts = masked_counts(L, steps, c.mask_schedule)
         for step in range(len(counts)):
             masked = tokens == self.mask_id
             progress = (step + 1) / steps
