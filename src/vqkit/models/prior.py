@@ -325,10 +325,15 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int | No
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(1)
 
 
+def guide_logits(strong: torch.Tensor, weak: torch.Tensor, scale: float) -> torch.Tensor:
+    """weak + scale * (strong - weak): classifier-free guidance (weak: the unconditional logits) and autoguidance
+    (weak: a weaker prior's logits) alike."""
+    return weak + scale * (strong - weak)
+
+
 def combine_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance over a batch stacked as [conditional; unconditional]."""
-    cond, uncond = logits.chunk(2)
-    return uncond + scale * (cond - uncond)
+    return guide_logits(*logits.chunk(2), scale)
 
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
@@ -931,7 +936,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 if guide is None:
                     logits = combine_guidance(logits, scale)
                 else:
-                    logits = outputs[1] + scale * (logits - outputs[1])
+                    logits = guide_logits(logits, outputs[1], scale)
             n = logits.shape[1]
             tokens[:, group] = sample_from_logits(logits.reshape(batch * n, K), **draw)[0].reshape(batch, n)
             if keep_logits:
@@ -991,9 +996,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
             progress = (step + 1) / steps
             scale = None if guidance is None else guidance(progress)
             if guide is not None and scale is not None:
-                logits = self._image_logits(tokens, class_ids, text_ids).float()
-                weak = guide._image_logits(tokens, class_ids, text_ids).float()
-                logits = weak + scale * (logits - weak)
+                logits = guide_logits(self._image_logits(tokens, class_ids, text_ids).float(),
+                                      guide._image_logits(tokens, class_ids, text_ids).float(), scale)
             else:
                 logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
             drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
