@@ -190,13 +190,14 @@ def step_sizes(length: int, steps: int, schedule: str) -> list[int]:
 
 
 def test_mask_schedules_set_how_many_tokens_each_step_decodes():
-    for schedule in ("cosine", "square", "cubic", "linear"):
+    for schedule in ("cosine", "square", "cubic", "quartic", "linear"):
         for length, steps in [(49, 8), (12, 4), (5, 8), (256, 12)]:
             counts = masked_counts(length, steps, schedule)
             assert counts[0] == length and len(counts) == min(steps, length)
             assert all(a > b > 0 for a, b in zip(counts, counts[1:]))
     assert step_sizes(49, 8, "cosine") == [1, 3, 5, 6, 7, 9, 9, 9]  # MaskGIT's
     assert step_sizes(49, 8, "cubic") == [1, 1, 1, 4, 5, 9, 12, 16]  # one token at a time first, as AR draws
+    assert step_sizes(49, 8, "quartic") == [1, 1, 1, 1, 4, 8, 13, 20]
     assert step_sizes(49, 8, "linear") == [7, 6, 6, 6, 6, 6, 6, 6]
     # training follows the schedule: a cubic group-causal prior's groups are the cubic step sizes
     prior = group_causal(mask_schedule="cubic", num_classes=3)

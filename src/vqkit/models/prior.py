@@ -38,7 +38,7 @@ MODES = ("ar", "mask")
 TRAIN_MASKS = ("random", "halton")
 MASK_ATTENTIONS = ("bidirectional", "group_causal")
 # MaskGIT's mask schedules gamma(r): the share of tokens still masked after a share r of the decoding steps
-MASK_SCHEDULES = ("cosine", "square", "cubic", "linear")
+MASK_SCHEDULES = ("cosine", "square", "cubic", "quartic", "linear")
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -92,7 +92,7 @@ class TokenPriorConfig:
     # position i predicts token i. Sampling then runs the same 8 steps with cached keys and values.
     mask_attention: str = "bidirectional"
     # Mask mode: how many tokens stay masked after each decoding step, gamma(t / steps) of them (MaskGIT): "cosine"
-    # cos(pi/2 r), "square" 1 - r^2, "cubic" 1 - r^3, "linear" 1 - r. A steeper start (cubic) decodes the first
+    # cos(pi/2 r), "square" 1 - r^2, "cubic" 1 - r^3, "quartic" 1 - r^4, "linear" 1 - r. A steeper start (cubic) decodes the first
     # tokens one at a time, as an AR prior does, and leaves the larger groups for when much of the grid is known.
     # Training masks (random and Halton) follow it too, so a prior is sampled with the schedule it was trained on.
     mask_schedule: str = "cosine"
@@ -405,7 +405,7 @@ def mask_ratio(r, schedule: str = "cosine"):
     tensor), by one of ``MASK_SCHEDULES``; gamma(0) = 1, gamma(1) = 0, decreasing."""
     if schedule == "cosine":
         return torch.cos(math.pi / 2 * r) if torch.is_tensor(r) else math.cos(math.pi / 2 * r)
-    power = {"linear": 1, "square": 2, "cubic": 3}.get(schedule)
+    power = {"linear": 1, "square": 2, "cubic": 3, "quartic": 4}.get(schedule)
     if power is None:
         raise ValueError(f"mask schedule must be one of {MASK_SCHEDULES}, got {schedule!r}")
     return 1 - r ** power
