@@ -92,8 +92,9 @@ class TokenPriorConfig:
     # position i predicts token i. Sampling then runs the same 8 steps with cached keys and values.
     mask_attention: str = "bidirectional"
     # Mask mode: how many tokens stay masked after each decoding step, gamma(t / steps) of them (MaskGIT): "cosine"
-    # cos(pi/2 r), "square" 1 - r^2, "cubic" 1 - r^3, "quartic" 1 - r^4, "linear" 1 - r. A steeper start (cubic) decodes the first
-    # tokens one at a time, as an AR prior does, and leaves the larger groups for when much of the grid is known.
+    # cos(pi/2 r), "square" 1 - r^2, "cubic" 1 - r^3, "quartic" 1 - r^4, "linear" 1 - r. A steeper start (cubic)
+    # decodes the first tokens one at a time, as an AR prior does, and leaves the larger groups for when much of the
+    # grid is known.
     # Training masks (random and Halton) follow it too, so a prior is sampled with the schedule it was trained on.
     mask_schedule: str = "cosine"
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
