@@ -275,6 +275,19 @@ def test_prior_distills_from_a_teacher(tokenizer_dir, tmp_path):
     assert main(["train", "prior", "--out", str(resumed), "--resume"]) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a teacher re-tuned in place is sampled again, not read from the student's cache
+    from vqkit.apps.generate import TokenSet, with_teacher_samples
+
+    cache = straight / "tokens" / "distill.safetensors"
+    train_set = TokenSet(real, torch.as_tensor(load_source("mnist5k", split="train").labels), None, "mnist5k",
+                         "train", "class")
+    again = with_teacher_samples(train_set, teacher, tokenizer_dir, 40, cache, seed=0, progress=False)
+    assert torch.equal(again.tokens[len(real):], grids)  # unchanged teacher: the cached grids
+    sampling_file = teacher / "sampling.json"
+    sampling_file.write_text(json.dumps({**json.loads(sampling_file.read_text()), "top_k": 2}))
+    retuned = with_teacher_samples(train_set, teacher, tokenizer_dir, 40, cache, seed=0, progress=False)
+    assert not torch.equal(retuned.tokens[len(real):], grids)
+    assert torch.equal(load_file(str(cache))["tokens"], retuned.tokens[len(real):])
     # --teacher is distill_from
     assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
                  str(tmp_path / "flag"), "--stop-at", "0", "--teacher", str(teacher), *TINY_PRIOR,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -148,6 +149,16 @@ def load_prior_of_tokenizer(prior_dir: str | Path, tokenizer_dir: str | Path, op
     return prior
 
 
+def _files_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
+    """A short SHA-256 over the named files of ``folder`` (a missing file counts as empty)."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir: str | Path, n: int,
                          cache: Path | None = None, seed: int = 0, progress: bool = True,
                          batch_size: int = 256, device: str | torch.device = "cpu") -> TokenSet:
@@ -155,8 +166,8 @@ def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir
 
     The teacher must belong to the same tokenizer and condition the same way; it is sampled with its saved settings,
     the i-th grid with TRAIN's (i mod N)-th label or caption, so the synthetic set keeps TRAIN's class balance. The
-    grids are cached at ``cache`` (with the teacher and n they were drawn for), so a resumed run trains on the same
-    data.
+    grids are cached at ``cache`` (keyed by the teacher's path, weights and saved settings, ``n`` and ``seed``), so a
+    resumed run trains on the same data and a teacher changed in place is sampled again.
     """
     from ..training.config import ConfigError
 
@@ -167,7 +178,10 @@ def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir
     has = "class labels" if tc.num_classes else "captions" if tc.text_vocab else "no condition"
     if has != wanted or (tc.num_classes and int(torch.as_tensor(train.labels).max()) >= tc.num_classes):
         raise ConfigError(f"distill_from: the prior in {teacher_dir} is conditioned on {has}, this run on {wanted}")
-    drawn_for = {"teacher": str(teacher_dir.resolve()), "samples": str(n), "seed": str(seed)}
+    # the teacher's weights and saved settings are part of the key: a teacher retrained or re-tuned in place must not
+    # hand a resumed student the grids of its former self
+    drawn_for = {"teacher": str(teacher_dir.resolve()), "samples": str(n), "seed": str(seed),
+                 "teacher_fingerprint": _files_fingerprint(teacher_dir, ("model.safetensors", "sampling.json"))}
     grids = None
     if cache is not None and cache.is_file() and read_safetensors_metadata(cache) == drawn_for:
         grids = read_safetensors(cache)["tokens"]
