@@ -244,6 +244,35 @@ def test_prior_trains_on_shifted_copies(tokenizer_dir, tmp_path):
                  str(tmp_path / "bad"), "--steps", "2", *TINY_PRIOR, "shift_radius=-1"]) == 2
 
 
+def test_token_cache_is_keyed_by_the_tokenizer_weights(tokenizer_dir, tmp_path):
+    """The cached token grids are reused only for the same tokenizer weights, source, split and shift radius; a
+    tokenizer retrained in place is tokenized again, and the cache rewritten."""
+    from safetensors.torch import load_file, save_file
+
+    from vqkit.apps.generate import token_set
+    from vqkit.data.sources import load_source
+    from vqkit.io import read_safetensors_metadata
+    from vqkit.models.tokenizer import VQModel
+
+    tokenizer = VQModel.from_pretrained(tokenizer_dir, device="cpu")
+    source = load_source("mnist5k", split="test")
+    cache = tmp_path / "test.safetensors"
+    first = token_set(tokenizer, source, "class", cache, progress=False).tokens
+    # the same tokenizer reads the cache: a cache edited behind its back (metadata kept) is what comes back
+    metadata = read_safetensors_metadata(cache)
+    save_file({"tokens": (first + 1) % 7}, str(cache), metadata=metadata)
+    assert torch.equal(token_set(tokenizer, source, "class", cache, progress=False).tokens, (first + 1) % 7)
+    # another shift radius or a tokenizer with other weights tokenizes again
+    shifted = token_set(tokenizer, source, "class", cache, progress=False, shift_radius=1).tokens
+    assert len(shifted) == 9 * len(first) and torch.equal(shifted[:len(first)], first)
+    with torch.no_grad():
+        tokenizer.quant_conv.weight.mul_(-1.0)  # "retrained": other weights, other codes
+    changed = token_set(tokenizer, source, "class", cache, progress=False).tokens
+    assert torch.equal(changed, token_set(tokenizer, source, "class", None, progress=False).tokens)  # tokenized anew
+    assert not torch.equal(changed, first)
+    assert torch.equal(load_file(str(cache))["tokens"], changed)
+
+
 def test_prior_distills_from_a_teacher(tokenizer_dir, tmp_path):
     """distill_from + distill_samples: TRAIN's grids plus the teacher's own samples (its saved sampling settings,
     TRAIN's labels in turn, seeded), cached so that a resumed run trains on the same data; mismatches are refused."""

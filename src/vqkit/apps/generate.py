@@ -108,19 +108,22 @@ def tokenize_source(tokenizer: VQModel, source: ImageSource, batch_size: int = 2
 
 def token_set(tokenizer: VQModel, source: ImageSource, conditioning: str, cache: Path | None = None,
               progress: bool = True, shift_radius: int = 0) -> TokenSet:
-    """Tokenize a source (or read the tokens cached at ``cache``) into a TokenSet. With ``shift_radius`` > 0 the
+    """Tokenize a source (or read the tokens cached at ``cache``, when the same tokenizer weights wrote them for the
+    same source, split and shift radius) into a TokenSet. With ``shift_radius`` > 0 the
     set also holds the tokens of every image shifted by whole pixels (see ``tokenize_source``), each copy keeping
     the image's label or caption: more distinct token grids of the same data for a prior that would overfit."""
     copies = len(pixel_offsets(shift_radius))
+    # the tokenizer's weights are part of the key: a tokenizer retrained in place must not hand a resumed prior the
+    # codes of its former self, which would mean other images
+    made_by = {"tokenizer_fingerprint": model_fingerprint(tokenizer), "source": source.name, "split": source.split,
+               "images": str(len(source)), "shift_radius": str(shift_radius)}
     tokens = None
-    if cache is not None and cache.is_file():
+    if cache is not None and cache.is_file() and read_safetensors_metadata(cache) == made_by:
         tokens = read_safetensors(cache)["tokens"]
-        if len(tokens) != copies * len(source):  # written for another shift radius or another source
-            tokens = None
     if tokens is None:
         tokens = tokenize_source(tokenizer, source, progress=progress, shift_radius=shift_radius)
         if cache is not None:
-            atomic_save_safetensors(cache, {"tokens": tokens})
+            atomic_save_safetensors(cache, {"tokens": tokens}, metadata=made_by)
     labels = getattr(source, "labels", None)
     if labels is None and source.has_labels:
         labels = torch.tensor([source[i][1] for i in range(len(source))])
@@ -147,6 +150,16 @@ def load_prior_of_tokenizer(prior_dir: str | Path, tokenizer_dir: str | Path, op
         raise ConfigError(f"{option}: the prior in {prior_dir} belongs to the tokenizer {recorded}, not "
                           f"{tokenizer_dir}; its codes would mean other images")
     return prior
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short SHA-256 over a model's parameters and buffers (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def _files_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
