@@ -30,8 +30,9 @@ class _CFGDecoder:
 
         logits = self.inner.step(previous)
         self.done += 1
+        share = self.done / self.groups  # by steps ("linear"); the token share is not used here
         return combine_guidance(logits, scheduled_guidance(self.scale, "linear" if self.linear else "constant",
-                                                           self.done / self.groups))
+                                                           share, share))
 
 
 def main() -> None:

@@ -422,6 +422,30 @@ def test_linear_guidance_schedule_ramps_the_scale(mode):
         prior.sample(3, labels, guidance_scale=s, guidance_schedule="cosine")
 
 
+def test_linear_tokens_guidance_ramps_by_the_share_of_tokens_decoded():
+    # AR: a step is a token, so linear_tokens is linear. Group-causal with the cubic schedule: every token of a group
+    # is drawn at 1 + (s - 1) * (tokens decoded once the group is done) / L, not at the step's share.
+    labels, L, s = [0, 1, 2], 12, 3.0
+    ar = tiny("ar", num_classes=3, class_at_every_token=True)
+    by_steps = ar.sample(3, labels, guidance_scale=s, guidance_schedule="linear", seed=0, return_logits=True)
+    by_tokens = ar.sample(3, labels, guidance_scale=s, guidance_schedule="linear_tokens", seed=0, return_logits=True)
+    for a, b in zip(by_steps, by_tokens):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    prior = group_causal(num_classes=3, class_at_every_token=True, mask_schedule="cubic")
+    samples, used = prior.sample(3, labels, guidance_scale=s, guidance_schedule="linear_tokens", seed=0,
+                                 return_logits=True)
+    used, done = used.reshape(3, L, K), 0
+    groups = prior._halton_groups()
+    assert len({len(g) for g in groups}) > 1  # the groups differ in size, so the two ramps differ
+    for step, group in enumerate(groups):
+        done += len(group)
+        expected = prior.logits(samples, labels, guidance_scale=1 + (s - 1) * done / L)[:, group]
+        torch.testing.assert_close(used[:, group], expected, rtol=0, atol=1e-5)
+        if done / L != (step + 1) / len(groups):
+            by_step = prior.logits(samples, labels, guidance_scale=1 + (s - 1) * (step + 1) / len(groups))[:, group]
+            assert (used[:, group] - by_step).abs().max() > 1e-4
+
+
 def test_revisit_decoding_can_remask_decoded_tokens():
     prior = tiny("mask", num_classes=3, input_noise=0.2)
     labels = [0, 1, 2] * 4

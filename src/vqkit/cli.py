@@ -492,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--min-p", type=float, dest="min_p",
                     help="drop tokens less likely than this times the most likely one")
     sm.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: off)")
-    sm.add_argument("--guidance-schedule", choices=["constant", "linear"], dest="guidance_schedule",
-                    help="linear: ramp the guidance scale up from 1 over the decoding")
+    sm.add_argument("--guidance-schedule", choices=["constant", "linear", "linear_tokens"], dest="guidance_schedule",
+                    help="linear: ramp the guidance scale up from 1 over the decoding steps; linear_tokens: over "
+                         "the share of tokens decoded (the same for AR priors)")
     sm.add_argument("--steps", type=int, help="parallel decoding steps (masked priors)")
     sm.add_argument("--revisit", action="store_true", default=None,
                     help="masked priors: let decoded tokens be re-masked (for priors trained with input_noise)")
@@ -558,8 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--n", type=int, default=500, help="captions to sample (text-conditional)")
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--guidance", type=float, help="classifier-free guidance scale (prior)")
-    es.add_argument("--guidance-schedule", choices=["constant", "linear"], dest="guidance_schedule",
-                    help="linear: ramp the guidance scale up from 1 over the decoding (prior)")
+    es.add_argument("--guidance-schedule", choices=["constant", "linear", "linear_tokens"], dest="guidance_schedule",
+                    help="linear: ramp the guidance scale up from 1 over the decoding steps, linear_tokens: "
+                         "over the tokens (prior)")
     es.add_argument("--temperature", type=float)
     es.add_argument("--top-k", type=int, dest="top_k")
     es.add_argument("--top-p", type=float, dest="top_p")

@@ -337,7 +337,7 @@ def combine_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return guide_logits(*logits.chunk(2), scale)
 
 
-GUIDANCE_SCHEDULES = ("constant", "linear")
+GUIDANCE_SCHEDULES = ("constant", "linear", "linear_tokens")
 MASK_ORDERS = ("confidence", "halton")
 
 
@@ -394,11 +394,17 @@ def check_sampling_options(*, temperature: float, top_k: int | None, top_p: floa
         raise ValueError("revisit re-ranks decoded tokens by confidence; it does not combine with order='halton'")
 
 
-def scheduled_guidance(scale: float, schedule: str, progress: float) -> float:
-    """The guidance scale to use once a share ``progress`` in (0, 1] of the decoding is done. linear ramps it from
-    1 (no guidance) up to ``scale`` at the end, so the first tokens, which fix the layout, are drawn with the
-    model's own diversity and the later ones are pushed towards the class (MUSE's and VAR's linear schedule)."""
-    return scale if schedule == "constant" else 1.0 + (scale - 1.0) * progress
+def scheduled_guidance(scale: float, schedule: str, steps_done: float, tokens_done: float) -> float:
+    """The guidance scale for a decoding step after which a share ``steps_done`` in (0, 1] of the steps and a share
+    ``tokens_done`` of the tokens are decoded. "linear" ramps it from 1 (no guidance) up to ``scale`` at the end by
+    steps, so the first tokens, which fix the layout, are drawn with the model's own diversity and the later ones are
+    pushed towards the class (MUSE's and VAR's linear schedule); "linear_tokens" ramps it by tokens instead. The two
+    agree for an AR prior (a step is a token); a masked prior whose schedule decodes few tokens in its first steps and
+    many in its last (cubic: 1, 1, 1, 4, 5, 9, 12, 16 of 49) guides its middle steps far less by tokens, so that
+    each token gets the scale an AR prior gives the token at the same share of the grid."""
+    if schedule == "constant":
+        return scale
+    return 1.0 + (scale - 1.0) * (steps_done if schedule == "linear" else tokens_done)
 
 
 def mask_ratio(r, schedule: str = "cosine"):
@@ -847,7 +853,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
         ``condition``: as in ``forward``, one for all samples (an int or a str) or one per sample. ``guidance_scale``
         s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), conditional and unconditional halves
         run as one batch (s = 1 is the plain conditional model); ``guidance_schedule`` "linear" ramps the scale from
-        1 at the first token (ar) or step (mask) up to s at the last (see ``scheduled_guidance``). ``temperature``,
+        1 at the first token (ar) or step (mask) up to s at the last, "linear_tokens" by the share of tokens decoded
+        (the same for ar; see ``scheduled_guidance``). ``temperature``,
         ``top_k``, ``top_p``, ``min_p`` shape the distribution each token is drawn from (see ``sample_from_logits``).
         Mask mode decodes in ``steps`` parallel steps; which drawn tokens stay is decided by their log-probability
         plus Gumbel noise scaled by ``remask_temperature * (1 - step/steps)``; ``revisit`` lets tokens decoded
@@ -887,7 +894,8 @@ class TokenPrior(PretrainedMixin, nn.Module):
         class_ids, text_ids = self._encode_condition(condition, n)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
-        scale_at = None if guidance is None else (lambda done: scheduled_guidance(guidance, guidance_schedule, done))
+        scale_at = None if guidance is None else (
+            lambda steps_done, tokens_done: scheduled_guidance(guidance, guidance_schedule, steps_done, tokens_done))
         samples, logits = [], []
         with self._eval_mode():
             for batch in torch.arange(n, device=self.device).split(batch_size):
@@ -928,12 +936,13 @@ class TokenPrior(PretrainedMixin, nn.Module):
         groups = self._decode_groups()
         tokens = torch.empty(batch, L, dtype=torch.long, device=self.device)
         used = torch.empty(batch, L, K, device=self.device) if keep_logits else None
-        previous = None
+        previous, decoded = None, 0
         for step, group in enumerate(groups):
             outputs = [decoder.step(previous) for decoder in decoders]
             logits = outputs[0]
+            decoded += logits.shape[1]
             if guidance is not None:
-                scale = guidance((step + 1) / len(groups))
+                scale = guidance((step + 1) / len(groups), decoded / L)
                 if guide is None:
                     logits = combine_guidance(logits, scale)
                 else:
@@ -995,14 +1004,14 @@ class TokenPrior(PretrainedMixin, nn.Module):
         for step in range(len(counts)):
             masked = tokens == self.mask_id
             progress = (step + 1) / steps
-            scale = None if guidance is None else guidance(progress)
+            stay_masked = counts[step + 1] if step + 1 < len(counts) else 0
+            scale = None if guidance is None else guidance(progress, (L - stay_masked) / L)
             if guide is not None and scale is not None:
                 logits = guide_logits(self._image_logits(tokens, class_ids, text_ids).float(),
                                       guide._image_logits(tokens, class_ids, text_ids).float(), scale)
             else:
                 logits = self._guided_logits(tokens, class_ids, text_ids, scale).float()
             drawn, drawn_log_prob = sample_from_logits(logits.reshape(batch * L, -1), **draw)
-            stay_masked = counts[step + 1] if step + 1 < len(counts) else 0
             if order == "halton":
                 confidence = -rank.expand(batch, L)
             else:
