@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -162,16 +163,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _files_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
-    """A short SHA-256 over the named files of ``folder`` (a missing file counts as empty)."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode() + b"\0")
-        if (folder / name).is_file():
-            digest.update((folder / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir: str | Path, n: int,
                          cache: Path | None = None, seed: int = 0, progress: bool = True,
                          batch_size: int = 256, device: str | torch.device = "cpu") -> TokenSet:
@@ -191,10 +182,14 @@ def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir
     has = "class labels" if tc.num_classes else "captions" if tc.text_vocab else "no condition"
     if has != wanted or (tc.num_classes and int(torch.as_tensor(train.labels).max()) >= tc.num_classes):
         raise ConfigError(f"distill_from: the prior in {teacher_dir} is conditioned on {has}, this run on {wanted}")
-    # the teacher's weights and saved settings are part of the key: a teacher retrained or re-tuned in place must not
-    # hand a resumed student the grids of its former self
+    sampling_file = teacher_dir / "sampling.json"
+    sampling = read_json(sampling_file, "sampling defaults") if sampling_file.is_file() else {}
+    kwargs = sampling_kwargs(sampling, teacher)
+    # the teacher's weights and sampling settings are part of the key: a teacher retrained or re-tuned in place must
+    # not hand a resumed student the grids of its former self
     drawn_for = {"teacher": str(teacher_dir.resolve()), "samples": str(n), "seed": str(seed),
-                 "teacher_fingerprint": _files_fingerprint(teacher_dir, ("model.safetensors", "sampling.json"))}
+                 "teacher_fingerprint": model_fingerprint(teacher),
+                 "teacher_sampling": json.dumps(kwargs, sort_keys=True)}
     grids = None
     if cache is not None and cache.is_file() and read_safetensors_metadata(cache) == drawn_for:
         grids = read_safetensors(cache)["tokens"]
@@ -202,9 +197,6 @@ def with_teacher_samples(train: TokenSet, teacher_dir: str | Path, tokenizer_dir
     labels = None if train.labels is None else torch.as_tensor(train.labels)[cycle]
     captions = None if train.captions is None else [train.captions[int(i)] for i in cycle]
     if grids is None:
-        sampling_file = teacher_dir / "sampling.json"
-        sampling = read_json(sampling_file, "sampling defaults") if sampling_file.is_file() else {}
-        kwargs = sampling_kwargs(sampling, teacher)
         chunks = []
         for chunk, rows in enumerate(tqdm(torch.arange(n).split(batch_size * 4), desc="distill: teacher samples",
                                           disable=not progress, leave=False)):
