@@ -20,18 +20,21 @@ from sampling_sweep import class_sweep, parse_setting
 
 
 class _CFGDecoder:
-    """A decoder of stacked [conditional; unconditional] rows whose steps return the CFG-combined logits."""
+    """A decoder of stacked [conditional; unconditional] rows whose steps return the CFG-combined hidden states.
+    The output head is affine and guidance's weights (1 - s and s) sum to one, so guiding the hidden states is
+    guiding the logits."""
 
     def __init__(self, inner, scale: float, linear: bool, groups: int):
         self.inner, self.scale, self.linear, self.groups, self.done = inner, scale, linear, groups, 0
+        self.prior = inner.prior
 
     def step(self, previous):
         from vqkit.models.prior import combine_guidance, scheduled_guidance
 
-        logits = self.inner.step(previous)
+        hidden = self.inner.step(previous)
         self.done += 1
         share = self.done / self.groups  # by steps ("linear"); the token share is not used here
-        return combine_guidance(logits, scheduled_guidance(self.scale, "linear" if self.linear else "constant",
+        return combine_guidance(hidden, scheduled_guidance(self.scale, "linear" if self.linear else "constant",
                                                            share, share))
 
 

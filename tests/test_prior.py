@@ -246,7 +246,8 @@ def test_keep_last_computes_only_the_last_positions(mode, positions):
 
 
 def group_causal(seed=0, **kwargs) -> TokenPrior:
-    return tiny("mask", seed, train_masks="halton", train_mask_steps=4, mask_attention="group_causal", **kwargs)
+    return tiny("mask", seed, **{"train_masks": "halton", "train_mask_steps": 4, "mask_attention": "group_causal",
+                                 **kwargs})
 
 
 @pytest.mark.parametrize("kind", list(CONDITIONS))
@@ -313,6 +314,94 @@ def test_group_causal_refuses_what_it_cannot_do(tmp_path):
     prior.save_pretrained(tmp_path / "gc")
     again = TokenPrior.from_pretrained(tmp_path / "gc")
     assert again.config.group_causal
+    assert torch.equal(again.sample(3, 1, seed=0), prior.sample(3, 1, seed=0))
+
+
+def test_group_mixture_log_prob_is_a_normalised_likelihood_and_the_training_loss():
+    import itertools
+
+    torch.manual_seed(0)
+    prior = TokenPrior(mode="mask", codebook_size=3, token_grid=[2, 2], d_model=16, n_layers=1, n_heads=2,
+                       num_classes=2, train_masks="halton", train_mask_steps=2, mask_attention="group_causal",
+                       group_mixture=3).eval()
+    for parameter in prior.parameters():
+        torch.nn.init.normal_(parameter, std=0.7)
+    every = torch.tensor(list(itertools.product(range(3), repeat=4))).reshape(-1, 2, 2)
+    assert max(len(g) for g in prior._halton_groups()) > 1  # so the in-group chain rule is exercised
+    for label in (0, 1):
+        log_p = prior.log_prob(every, label).double().sum((1, 2))
+        assert abs(float(log_p.exp().sum()) - 1) < 1e-5
+        # the training loss is the mean negative log-likelihood per token (eval mode: no condition dropout)
+        loss = prior(every, label).loss
+        assert math.isclose(float(loss.detach()), -float(log_p.mean()) / 4, rel_tol=1e-4)
+
+
+def test_group_mixture_with_one_component_is_smoothed_cross_entropy():
+    prior = group_causal(num_classes=3, group_mixture=1, label_smoothing=0.2)
+    x, labels = grids(4, seed=2), [0, 1, 2, 0]
+    marginal = prior.logits(x, labels)  # one component: the marginal is that component's log-probabilities
+    expected = F.cross_entropy(marginal.reshape(-1, K), x.reshape(-1), label_smoothing=0.2)
+    assert torch.allclose(prior(x, labels).loss, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_group_mixture_sampling_draws_each_group_under_one_component(scale):
+    # Every group's logits must be the teacher-forced logits under one component, the same for all its tokens.
+    prior = group_causal(num_classes=3, group_mixture=4)
+    labels = [0, 1, 2, 0, 1]
+    samples, used = prior.sample(5, labels, seed=0, guidance_scale=scale, return_logits=True)
+    x, used = samples.reshape(5, -1), used.reshape(5, x_len := samples[0].numel(), K)
+    with torch.no_grad():
+        def per_component(condition):
+            hidden = prior._group_causal_hidden(x, *prior._encode_condition(condition, 5))
+            return prior._head(prior.mixture.modulate(hidden))  # [B, L, Z, K]
+        logits = per_component(labels)
+        if scale != 1.0:
+            logits = per_component(None) + scale * (logits - per_component(None))
+    chosen = set()
+    for group in prior._halton_groups():
+        for b in range(5):
+            match = [z for z in range(4) if torch.allclose(logits[b, group, z], used[b, group], atol=1e-4)]
+            assert match, (b, group)
+            chosen.update(match)
+    assert len(chosen) > 1 and x_len == 12
+
+
+def test_group_mixture_learns_what_a_group_shares():
+    # One decoding step for the whole grid: a plain head draws the 12 tokens independently, so it cannot make the
+    # grids of this data (all zeros or all ones); a two-component mixture can.
+    def train(**options):
+        prior = group_causal(train_mask_steps=1, d_model=32, cond_dropout=0.0, **options).train()
+        generator = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-2)
+        for _ in range(150):
+            x = (torch.rand(32, 1, 1, generator=generator) < 0.5).long().expand(32, *GRID)
+            loss = prior(x, generator=generator).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        samples = prior.eval().sample(200, seed=0).reshape(200, -1)
+        uniform = (samples == samples[:, :1]).all(1)
+        return float(uniform.float().mean()), float(samples[uniform, 0].float().mean()), loss.item()
+
+    plain_share, _, plain_loss = train()
+    mixed_share, ones, mixed_loss = train(group_mixture=2)
+    assert plain_share < 0.05 and mixed_share > 0.9, (plain_share, mixed_share)
+    assert 0.3 < ones < 0.7  # both modes are drawn
+    assert mixed_loss < 0.2 < plain_loss, (mixed_loss, plain_loss)  # ln 2 / 12 = 0.058 per token is the data's entropy; the plain head 0.69
+
+
+def test_group_mixture_options_are_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="group_mixture needs mask_attention 'group_causal'"):
+        TokenPriorConfig(mode="mask", train_masks="halton", group_mixture=4)
+    with pytest.raises(ValueError, match="group_mixture must be >= 0"):
+        TokenPriorConfig(mode="mask", train_masks="halton", mask_attention="group_causal", group_mixture=-1)
+    prior = group_causal(num_classes=3, group_mixture=3)
+    with pytest.raises(ValueError, match="autoguidance does not combine with group_mixture"):
+        prior.sample(2, 0, guidance_scale=2.0, guide=group_causal(1, num_classes=3))
+    prior.save_pretrained(tmp_path / "mix")
+    again = TokenPrior.from_pretrained(tmp_path / "mix")
+    assert again.config.group_mixture == 3
     assert torch.equal(again.sample(3, 1, seed=0), prior.sample(3, 1, seed=0))
 
 

@@ -97,6 +97,13 @@ class TokenPriorConfig:
     # grid is known.
     # Training masks (random and Halton) follow it too, so a prior is sampled with the schedule it was trained on.
     mask_schedule: str = "cosine"
+    # Group-causal priors: draw the tokens of each decoding group from a mixture of this many products instead of
+    # one product (0: off). A plain head draws the tokens of a group independently given the earlier groups, so two
+    # tokens drawn in the same step cannot agree with each other beyond what their context already fixes. The mixture
+    # first draws one of ``group_mixture`` components from the group's context, then every token of the group given
+    # it, so the component carries what the group's tokens share (see ``GroupMixture``). Same forward passes; the
+    # likelihood stays exact (the component is summed out).
+    group_mixture: int = 0
     tokenizer: str | None = None  # the VQ tokenizer these tokens come from (a path, set by the caller)
     config_version: int = CONFIG_VERSION
 
@@ -138,6 +145,11 @@ class TokenPriorConfig:
         elif self.mask_attention == "group_causal" and (self.mode != "mask" or self.train_masks != "halton"):
             problems.append("mask_attention 'group_causal' needs mode 'mask' and train_masks 'halton' (it follows "
                             "the Halton decoding order)")
+        if self.group_mixture < 0:
+            problems.append(f"group_mixture must be >= 0, got {self.group_mixture}")
+        elif self.group_mixture and self.mask_attention != "group_causal":
+            problems.append("group_mixture needs mask_attention 'group_causal' (it mixes over the tokens of one "
+                            "decoding group)")
         if problems:
             raise ValueError("invalid TokenPriorConfig: " + "; ".join(problems))
 
@@ -292,6 +304,36 @@ class Block(nn.Module):
             x = x[:, x.shape[1] - keep_last:]
         x = x + self.drop(attended)
         return x + self.mlp(self.norm2(x))
+
+
+class GroupMixture(nn.Module):
+    """A mixture-of-products output for the tokens that one parallel step draws together:
+    p(x_S | context) = sum_z pi(z | context) prod_{i in S} p(x_i | z, context).
+
+    ``pi`` is a linear gate on the mean hidden state of the group's queries (they all see the same context). A
+    component z shifts each query's hidden state by a small MLP of it and of z's embedding, position by position,
+    before the shared output head, so a component can mean "thick strokes here, an open loop there" for the group
+    at once. Components are told apart only by their random initial embeddings; the marginal likelihood trains
+    them."""
+
+    def __init__(self, d_model: int, components: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, components)
+        self.embedding = nn.Parameter(torch.zeros(components, d_model))
+        self.fc = nn.Linear(d_model, d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def gate_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mean query hidden state of a group [..., d] -> component logits [..., Z]."""
+        return self.gate(pooled)
+
+    def modulate(self, hidden: torch.Tensor, component: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, n, d] -> [B, n, Z, d] under every component (``component`` None), or [B, n, d] under
+        the component of each row (``component``: int64 [B])."""
+        base = self.fc(hidden)
+        if component is None:
+            return hidden[:, :, None] + self.proj(F.gelu(base[:, :, None] + self.embedding))
+        return hidden + self.proj(F.gelu(base + self.embedding[component][:, None]))
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
@@ -462,7 +504,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
         self.norm = make_norm(c.norm, c.d_model)
         self.head = None if c.tie_weights else nn.Linear(c.d_model, K, bias=False)
         self.head_bias = nn.Parameter(torch.zeros(K))
+        self.mixture = GroupMixture(c.d_model, c.group_mixture) if c.group_mixture else None
         self.apply(self._init_weights)
+        if self.mixture is not None:  # distinct embeddings are what tell the components apart at first
+            nn.init.normal_(self.mixture.embedding, std=1.0)
         if self.pos_emb is not None:
             nn.init.normal_(self.pos_emb, std=0.02)
         for block in self.blocks:  # GPT-2: shrink the residual branches so that the residual stream stays O(1)
@@ -677,9 +722,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         the prefix, the tokens of earlier groups and itself. So each query gets exactly the context its position
         has when Halton-order decoding draws it, and the tokens' keys equal those that sampling caches."""
         L, P = self.config.seq_len, prefix_len
-        group = torch.empty(L, dtype=torch.long, device=self.device)
-        for g, positions in enumerate(self._halton_groups()):
-            group[positions] = g
+        group = self._group_index()
         allowed = torch.zeros(P + 2 * L, P + 2 * L, dtype=torch.bool, device=self.device)
         allowed[:, :P] = True
         allowed[P:P + L, P:P + L] = group[None, :] <= group[:, None]
@@ -687,9 +730,48 @@ class TokenPrior(PretrainedMixin, nn.Module):
         allowed[P + L:, P + L:] = torch.eye(L, dtype=torch.bool, device=self.device)
         return allowed
 
+    def _group_index(self) -> torch.Tensor:
+        """int64 [L]: the Halton group (decoding step) of each position."""
+        group = torch.empty(self.config.seq_len, dtype=torch.long, device=self.device)
+        for g, positions in enumerate(self._halton_groups()):
+            group[positions] = g
+        return group
+
     def _group_causal_logits(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
-        """Teacher-forced logits [B, L, K] of a group-causal prior: one pass over [prefix, tokens, queries]; a query
-        is the [MASK] embedding at its position."""
+        """Teacher-forced logits [B, L, K] of a group-causal prior (with ``group_mixture``: the log of each token's
+        marginal probability, the component summed out); see ``_group_causal_hidden``."""
+        hidden = self._group_causal_hidden(tokens, class_ids, text_ids)
+        if self.mixture is None:
+            return self._head(hidden)
+        return self._mixture_marginal(*self._mixture_terms(hidden))
+
+    def _mixture_terms(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query hidden states [B, L, d] of a ``group_mixture`` prior -> (log pi [B, G, Z] per Halton group, the
+        tokens' log-probabilities under every component [B, L, Z, K])."""
+        group = self._group_index()
+        member = F.one_hot(group, int(group.max()) + 1).to(hidden.dtype)  # [L, G]
+        pooled = torch.einsum("bld,lg->bgd", hidden, member) / member.sum(0)[:, None]
+        log_gate = self.mixture.gate_logits(pooled).float().log_softmax(-1)
+        return log_gate, self._head(self.mixture.modulate(hidden)).float().log_softmax(-1)
+
+    @staticmethod
+    def _component_scores(log_probs: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0):
+        """Each token's log-likelihood under every component [B, L, Z], from ``_mixture_terms``' log-probabilities.
+        With ``label_smoothing`` e, the smoothed score (1 - e) log p(x_i) + e mean_k log p(k): what cross-entropy
+        with smoothing maximises when there is one component."""
+        Z = log_probs.shape[2]
+        scores = log_probs.gather(-1, tokens[:, :, None, None].expand(-1, -1, Z, 1)).squeeze(-1)
+        if label_smoothing:
+            scores = (1 - label_smoothing) * scores + label_smoothing * log_probs.mean(-1)
+        return scores
+
+    def _mixture_marginal(self, log_gate: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+        """log sum_z pi(z) p(k | z) [B, L, K]: each token's own distribution, the group's component summed out."""
+        return torch.logsumexp(log_gate[:, self._group_index(), :, None] + log_probs, dim=2)
+
+    def _group_causal_hidden(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
+        """Teacher-forced final hidden states [B, L, d] of a group-causal prior's queries: one pass over [prefix,
+        tokens, queries]; a query is the [MASK] embedding at its position."""
         L = self.config.seq_len
         prefix = self._prefix(class_ids, text_ids, len(tokens))
         P = prefix.shape[1]
@@ -699,7 +781,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         image = torch.arange(P, P + L, device=self.device)
         positions = torch.cat([torch.arange(P, device=self.device), image, image])
         hidden = self._transformer(x, positions=positions, attn_mask=self._group_causal_mask(P))
-        return self._head(hidden[:, P + L:])
+        return hidden[:, P + L:]
 
     def _guided_logits(self, tokens, class_ids, text_ids, guidance_scale: float | None) -> torch.Tensor:
         if guidance_scale is None:
@@ -776,6 +858,15 @@ class TokenPrior(PretrainedMixin, nn.Module):
             inputs, replaced = self._noisy_inputs(tokens, generator)
             if not ar:  # the replaced visible tokens are scored too (as in BERT), so that the model learns to spot
                 scored = masked | replaced  # a wrong visible token and what it should be (``revisit`` decoding)
+        if self.mixture is not None:  # every token is scored, by the group likelihoods with the component summed out
+            log_gate, log_probs = self._mixture_terms(self._group_causal_hidden(inputs, class_ids, text_ids))
+            scores = self._component_scores(log_probs, tokens, self.config.label_smoothing)
+            member = F.one_hot(self._group_index(), log_gate.shape[1]).float()  # [L, G]
+            group_scores = log_gate + torch.einsum("blz,lg->bgz", scores, member)
+            loss = -torch.logsumexp(group_scores, -1).sum() / tokens.numel()
+            with torch.no_grad():
+                accuracy = (self._mixture_marginal(log_gate, log_probs).argmax(-1) == tokens).float().mean()
+            return PriorOutput(loss, accuracy, int(tokens.numel()))
         logits = self._image_logits(inputs if ar else inputs.masked_fill(masked, self.mask_id), class_ids, text_ids)
         logits, targets = logits[scored], tokens[scored]
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing)
@@ -801,14 +892,18 @@ class TokenPrior(PretrainedMixin, nn.Module):
         mask, ``train_masks`` "halton": exact, like ar, for the distribution that Halton-order decoding in
         ``train_mask_steps`` steps samples (at temperature 1, no top-k/top-p or guidance): the tokens of each step's
         group are drawn independently given the groups before, so log p(x_i | earlier groups, c) sums to
-        log p(x | c). One forward pass per step (group-causal attention: one in all).
+        log p(x | c). One forward pass per step (group-causal attention: one in all). With ``group_mixture``, exact
+        too: the chain rule runs on inside each group, in Halton order, so a token's probability is its mixture under
+        the posterior over the group's component given the group's tokens before it.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tokens = self._check_tokens(indices)
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         with self._eval_mode():
-            if self.config.mode == "ar" or self.config.group_causal:
+            if self.mixture is not None:
+                per_token = self._mixture_chain_log_prob(tokens, class_ids, text_ids)
+            elif self.config.mode == "ar" or self.config.group_causal:
                 log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
                 per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
             elif self.config.train_masks == "halton":
@@ -816,6 +911,17 @@ class TokenPrior(PretrainedMixin, nn.Module):
             else:
                 per_token = self._pseudo_log_prob(tokens, class_ids, text_ids, batch_size)
         return per_token.reshape(len(tokens), *self.config.token_grid)
+
+    def _mixture_chain_log_prob(self, tokens, class_ids, text_ids) -> torch.Tensor:
+        log_gate, log_probs = self._mixture_terms(self._group_causal_hidden(tokens, class_ids, text_ids))
+        scores = self._component_scores(log_probs, tokens)  # [B, L, Z]
+        per_token = torch.empty(tokens.shape, device=self.device)
+        for g, positions in enumerate(self._halton_groups()):
+            group = scores[:, positions]  # [B, n, Z], in Halton order
+            seen = group.cumsum(1) - group  # what the group's earlier tokens say about its component
+            posterior = (log_gate[:, g, None] + seen).log_softmax(-1)
+            per_token[:, positions] = torch.logsumexp(posterior + group, -1)
+        return per_token
 
     def _group_chain_log_prob(self, tokens, class_ids, text_ids) -> torch.Tensor:
         per_token = torch.empty(tokens.shape, device=self.device)
@@ -889,6 +995,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         guidance = None if guidance_scale == 1.0 else float(guidance_scale)
         if guide is not None:
             self._check_guide(guide)
+            if c.group_mixture or guide.config.group_mixture:
+                raise ValueError("autoguidance does not combine with group_mixture: the components of two priors do "
+                                 "not correspond (use guidance_scale alone)")
         else:
             self._check_guidance(guidance)
         class_ids, text_ids = self._encode_condition(condition, n)
@@ -938,11 +1047,15 @@ class TokenPrior(PretrainedMixin, nn.Module):
         used = torch.empty(batch, L, K, device=self.device) if keep_logits else None
         previous, decoded = None, 0
         for step, group in enumerate(groups):
-            outputs = [decoder.step(previous) for decoder in decoders]
+            hidden = [decoder.step(previous) for decoder in decoders]
+            decoded += hidden[0].shape[1]
+            scale = None if guidance is None else guidance((step + 1) / len(groups), decoded / L)
+            if self.mixture is None:
+                outputs = [decoder.prior._head(h).float() for decoder, h in zip(decoders, hidden)]
+            else:
+                outputs = [self._mixture_draw_logits(hidden[0], scale, draw["generator"])]
             logits = outputs[0]
-            decoded += logits.shape[1]
-            if guidance is not None:
-                scale = guidance((step + 1) / len(groups), decoded / L)
+            if scale is not None:
                 if guide is None:
                     logits = combine_guidance(logits, scale)
                 else:
@@ -953,6 +1066,17 @@ class TokenPrior(PretrainedMixin, nn.Module):
                 used[:, group] = logits
             previous = tokens[:, group]
         return tokens, used
+
+    def _mixture_draw_logits(self, hidden: torch.Tensor, scale: float | None, generator) -> torch.Tensor:
+        """One group of a ``group_mixture`` prior: draws each sample's component from the gate (guided like the
+        tokens when ``scale`` is set; ``hidden`` then stacks [conditional; unconditional] rows) and returns the
+        token logits [rows, n, K] given it, the same component in both halves."""
+        gate = self.mixture.gate_logits(hidden.mean(1)).float()
+        if scale is not None:
+            gate = combine_guidance(gate, scale)
+        component = sample_from_logits(gate, 1.0, None, None, generator)[0]
+        component = component.repeat(len(hidden) // len(component))
+        return self._head(self.mixture.modulate(hidden, component)).float()
 
     def _decoder(self, batch: int, class_ids, text_ids, copies: int = 1) -> "_ARDecoder | _GroupCausalDecoder":
         kind = _ARDecoder if self.config.mode == "ar" else _GroupCausalDecoder
@@ -1036,7 +1160,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
 class _ARDecoder:
     """Raster-order decoding state of one AR prior for ``rows`` = ``copies`` * B conditions (B samples, stacked as
     [conditional; unconditional] for guidance): ``step(previous)`` feeds the token drawn last ([B, 1], None at first)
-    and returns the logits [rows, 1, K] of the next position."""
+    and returns the final hidden states [rows, 1, d] of the next position."""
 
     def __init__(self, prior: TokenPrior, rows: int, class_ids, text_ids, copies: int):
         c = prior.config
@@ -1053,15 +1177,15 @@ class _ARDecoder:
             x = p._embed_tokens(previous.repeat(self.copies, 1), self.offset)
             hidden = p._transformer(x, p.config.prefix_len + self.fed, self.caches)[:, -1:]
             self.fed += 1
-        return p._head(hidden).float()
+        return hidden
 
 
 class _GroupCausalDecoder:
     """Halton-order decoding state of one group-causal prior, one forward pass per group over cached keys/values:
     ``step(previous)`` feeds the tokens of the group drawn last (None at first: the prefix is fed instead), whose keys
     join the cache, with the queries of this step's group, whose keys are dropped after it since no later position
-    attends to a query (see ``TokenPrior._group_causal_plan``); it returns the group's logits [rows, n, K]. Arguments
-    as ``_ARDecoder``."""
+    attends to a query (see ``TokenPrior._group_causal_plan``); it returns the final hidden states of the group's
+    queries [rows, n, d]. Arguments as ``_ARDecoder``."""
 
     def __init__(self, prior: TokenPrior, rows: int, class_ids, text_ids, copies: int):
         self.prior, self.copies, self.done = prior, copies, 0
@@ -1083,7 +1207,7 @@ class _GroupCausalDecoder:
         for cache in self.caches:
             cache.drop_last(n)
         self.done += 1
-        return p._head(hidden).float()
+        return hidden
 
 
 TokenPrior.MODEL_TYPE = "vqkit.TokenPrior"
