@@ -731,11 +731,20 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return allowed
 
     def _group_index(self) -> torch.Tensor:
-        """int64 [L]: the Halton group (decoding step) of each position."""
-        group = torch.empty(self.config.seq_len, dtype=torch.long, device=self.device)
-        for g, positions in enumerate(self._halton_groups()):
-            group[positions] = g
-        return group
+        """int64 [L]: the Halton group (decoding step) of each position, computed once per device (every training
+        step of a group-causal prior needs it, a mixture's several times)."""
+        cache = self.__dict__.setdefault("_group_indices", {})  # not a buffer: derived from the config, never saved
+        if self.device not in cache:
+            group = torch.empty(self.config.seq_len, dtype=torch.long, device=self.device)
+            for g, positions in enumerate(self._halton_groups()):
+                group[positions] = g
+            cache[self.device] = group
+        return cache[self.device]
+
+    def _group_members(self) -> torch.Tensor:
+        """float [L, G]: one-hot membership of each position in its Halton group."""
+        group = self._group_index()
+        return F.one_hot(group, int(group.max()) + 1).float()
 
     def _group_causal_logits(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
         """Teacher-forced logits [B, L, K] of a group-causal prior (with ``group_mixture``: the log of each token's
@@ -748,8 +757,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
     def _mixture_terms(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query hidden states [B, L, d] of a ``group_mixture`` prior -> (log pi [B, G, Z] per Halton group, the
         tokens' log-probabilities under every component [B, L, Z, K])."""
-        group = self._group_index()
-        member = F.one_hot(group, int(group.max()) + 1).to(hidden.dtype)  # [L, G]
+        member = self._group_members().to(hidden.dtype)
         pooled = torch.einsum("bld,lg->bgd", hidden, member) / member.sum(0)[:, None]
         log_gate = self.mixture.gate_logits(pooled).float().log_softmax(-1)
         return log_gate, self._head(self.mixture.modulate(hidden)).float().log_softmax(-1)
@@ -861,8 +869,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
         if self.mixture is not None:  # every token is scored, by the group likelihoods with the component summed out
             log_gate, log_probs = self._mixture_terms(self._group_causal_hidden(inputs, class_ids, text_ids))
             scores = self._component_scores(log_probs, tokens, self.config.label_smoothing)
-            member = F.one_hot(self._group_index(), log_gate.shape[1]).float()  # [L, G]
-            group_scores = log_gate + torch.einsum("blz,lg->bgz", scores, member)
+            group_scores = log_gate + torch.einsum("blz,lg->bgz", scores, self._group_members())
             loss = -torch.logsumexp(group_scores, -1).sum() / tokens.numel()
             with torch.no_grad():
                 accuracy = (self._mixture_marginal(log_gate, log_probs).argmax(-1) == tokens).float().mean()
