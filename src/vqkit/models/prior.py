@@ -742,9 +742,14 @@ class TokenPrior(PretrainedMixin, nn.Module):
         return cache[self.device]
 
     def _group_members(self) -> torch.Tensor:
-        """float [L, G]: one-hot membership of each position in its Halton group."""
-        group = self._group_index()
-        return F.one_hot(group, int(group.max()) + 1).float()
+        """float [L, G]: one-hot membership of each position in its Halton group, computed once per device like
+        ``_group_index`` (a mixture's training step needs it twice; building it reads the group count back from the
+        device, which would stall a GPU every step)."""
+        cache = self.__dict__.setdefault("_group_members_cache", {})  # derived from the config, never saved
+        if self.device not in cache:
+            group = self._group_index()
+            cache[self.device] = F.one_hot(group, len(self._halton_groups())).float()
+        return cache[self.device]
 
     def _group_causal_logits(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
         """Teacher-forced logits [B, L, K] of a group-causal prior (with ``group_mixture``: the log of each token's
