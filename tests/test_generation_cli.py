@@ -386,3 +386,26 @@ def test_a_prior_can_start_from_another_priors_weights(tokenizer_dir, tmp_path):
         load_initial_weights(masked, ar, other_tok, verbose=False)
     assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
                  str(tmp_path / "b3"), "--steps", "2", *TINY_PRIOR, f"init_from={tmp_path / 'nothing'}"]) == 2
+
+
+def test_alignment_fine_tuning_through_the_cli(tokenizer_dir, tmp_path):
+    """cca_weight: a trained prior is fine-tuned against itself (frozen) by condition contrastive alignment; the run
+    records its reference and can be resumed; without a prior to start from, or on a bidirectional prior, it is
+    refused before any step."""
+    ar = tmp_path / "ar"
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(ar),
+                 "--mode", "ar", "--steps", "3", *TINY_PRIOR]) == 0
+    out = tmp_path / "cca"
+    args = ["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out", str(out), "--mode",
+            "ar", *TINY_PRIOR, f"init_from={ar}", "cca_weight=10", "sampling.guidance_scale=1.0"]
+    assert main([*args, "--steps", "4", "--stop-at", "3"]) == 0
+    assert main(["train", "prior", "--out", str(out), "--resume", "--steps", "4"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["cca_weight"] == 10 and saved["init_from"] == str(ar)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(0 < row["loss"] < 2 for row in logged)
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "c1"), "--steps", "2", *TINY_PRIOR, "cca_weight=10"]) == 2
+    assert main(["train", "prior", "--tokenizer", str(tokenizer_dir), "--data", "mnist5k", "--out",
+                 str(tmp_path / "c2"), "--mode", "mask", "--steps", "2", *TINY_PRIOR, "cca_weight=10",
+                 f"init_from={ar}"]) == 2

@@ -802,3 +802,47 @@ def test_min_p_drops_the_tokens_below_its_share_of_the_best_and_renormalises():
     for off in (0.0, None):
         assert set(sample_from_logits(probs[:1].log().expand(2000, 4), 1.0, None, None, generator,
                                       min_p=off)[0].tolist()) == {0, 1, 2, 3}
+
+
+# ----------------------------------------------------------------------------------- condition contrastive alignment
+@pytest.mark.parametrize("kind", ["ar", "group_causal"])
+def test_alignment_loss_makes_grids_likelier_under_their_own_class_than_under_others(kind):
+    # CCA fine-tuning pushes log p(x|c) / p_ref(x|c) up and log p(x|c') / p_ref(x|c') down for a mismatched c'. On a
+    # prior that has only just started learning, a few steps must widen the margin by which each training grid
+    # prefers its own class, and leave the frozen reference untouched.
+    make = (lambda: tiny("ar", d_model=32, num_classes=4, dropout=0.0)) if kind == "ar" else \
+        (lambda: group_causal(d_model=32, num_classes=4, dropout=0.0))
+    prior, reference = make(), make()
+    reference.requires_grad_(False)
+    x, labels = grids(8, seed=3), torch.arange(8) % 4
+    wrong = (labels + 1) % 4
+
+    def margin(model):
+        with torch.no_grad():
+            return float((model.log_prob(x, labels).sum((1, 2)) - model.log_prob(x, wrong).sum((1, 2))).mean())
+
+    before, kept = margin(prior), {k: v.clone() for k, v in reference.state_dict().items()}
+    # at the start (prior = reference, no dropout) every gap is zero, so each of the two terms is log 2
+    out = prior.train().alignment_loss(reference, x, labels, weight=1.0, beta=0.5,
+                                       generator=torch.Generator().manual_seed(0))
+    assert abs(float(out.loss) - 2 * math.log(2)) < 1e-5
+    optimizer = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    for step in range(40):
+        out = prior.alignment_loss(reference, x, labels, weight=1.0, beta=0.5,
+                                   generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert margin(prior.eval()) > before + 0.5, (before, margin(prior))
+    assert all(torch.equal(v, kept[k]) for k, v in reference.state_dict().items())
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def test_alignment_loss_refuses_priors_without_exact_likelihoods_or_conditions():
+    x = grids(4)
+    bidirectional = tiny("mask", num_classes=3)
+    with pytest.raises(ValueError, match="ar or group-causal"):
+        bidirectional.alignment_loss(bidirectional, x, [0, 1, 2, 0], weight=1.0, beta=0.1)
+    unconditional = tiny("ar")
+    with pytest.raises(ValueError, match="needs conditions"):
+        unconditional.alignment_loss(unconditional, x, None, weight=1.0, beta=0.1)

@@ -152,6 +152,12 @@ class PriorTrainConfig:
     # prior can start from an autoregressive one, whose token and condition embeddings and attention layers carry
     # over, the causal mask being the only difference). Only for a fresh run; a resumed run reads its checkpoint.
     init_from: str | None = None
+    # Condition contrastive alignment (``TokenPrior.alignment_loss``): fine-tune the prior in ``init_from``, which
+    # stays frozen as the reference, so that it samples without classifier-free guidance (no unconditional half).
+    # ``cca_weight`` is the paper's lambda (0: off, the usual objective; keep it well below the number of classes),
+    # ``cca_beta`` its beta: the optimum is the reference guided at scale 1 + 1 / cca_beta.
+    cca_weight: float = 0.0
+    cca_beta: float = 1.0
     steps: int = 3000
     batch_size: int = 64
     seed: int = 0
@@ -177,6 +183,16 @@ class PriorTrainConfig:
                              f"prior.train_mask_steps={self.prior.train_mask_steps} steps; set sampling.order=halton and "
                              f"sampling.steps={self.prior.train_mask_steps} (got {self.sampling.order!r}, "
                              f"{self.sampling.steps})")
+        if self.cca_weight < 0 or self.cca_beta <= 0:
+            raise ValueError(f"cca_weight must be >= 0 (0: off) and cca_beta > 0, got {self.cca_weight} and "
+                             f"{self.cca_beta}")
+        if self.cca_weight > 0 and not self.init_from:
+            raise ValueError("cca_weight > 0 fine-tunes a trained prior against itself: give init_from=DIR (the "
+                             "prior to align, kept frozen as the reference)")
+        exact = (self.prior.mode == "ar" or self.prior.group_causal) and not self.prior.group_mixture
+        if self.cca_weight > 0 and not exact:
+            raise ValueError("cca_weight > 0 needs exact grid likelihoods: prior.mode=ar, or "
+                             "prior.mask_attention=group_causal without prior.group_mixture")
         if self.distill_samples and not self.distill_from:
             raise ValueError(f"distill_samples={self.distill_samples} needs a teacher: give --teacher DIR (a trained "
                              "prior over the same tokenizer) or distill_from=DIR")

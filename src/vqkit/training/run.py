@@ -187,6 +187,16 @@ def train_prior(cfg, tokenizer_dir: str | Path, out_dir: str | Path, resume: boo
     prior = TokenPrior(cfg.prior)
     if cfg.init_from and not resume:
         load_initial_weights(prior, cfg.init_from, tokenizer_dir, progress and D.is_main_process())
-    task = PriorTask(cfg, prior, tokenizer, device, train_tokens, test_tokens)
+    reference = None
+    if cfg.cca_weight > 0:  # the frozen prior to align against, read again on resume (it never changes)
+        from ..apps.generate import load_prior_of_tokenizer
+
+        if D.is_distributed():
+            raise ConfigError("cca_weight > 0 runs on one process only (its loss does not go through "
+                              "DistributedDataParallel)")
+        if conditioning not in ("class", "text"):
+            raise ConfigError("cca_weight > 0 aligns a prior with its conditions, but this run is unconditional")
+        reference = load_prior_of_tokenizer(cfg.init_from, tokenizer_dir, "init_from", device).requires_grad_(False)
+    task = PriorTask(cfg, prior, tokenizer, device, train_tokens, test_tokens, reference=reference)
     write_run_config(out_dir, {"tokenizer_dir": str(Path(tokenizer_dir).resolve()), **cfg.to_dict()}, resume)
     return Trainer(task, cfg, out_dir, train_tokens, resume=resume, stop_at=stop_at, progress=progress).run()

@@ -250,8 +250,10 @@ class PriorTask:
 
     progress_keys = ("loss", "acc", "lr")
 
-    def __init__(self, cfg, prior, tokenizer: VQModel, device: torch.device, train_tokens, test_tokens):
+    def __init__(self, cfg, prior, tokenizer: VQModel, device: torch.device, train_tokens, test_tokens,
+                 reference=None):
         self.cfg, self.device = cfg, device
+        self.reference = reference  # with cfg.cca_weight: the frozen prior that alignment fine-tuning starts from
         self.prior = prior.to(device)
         self.tokenizer = tokenizer.to(device).eval()
         self.train_tokens, self.test_tokens = train_tokens, test_tokens
@@ -290,7 +292,11 @@ class PriorTask:
         self.prior.train()
         condition = self.train_tokens.condition(rows)
         with autocast_context(cfg, self.device):
-            out = self.net(tokens.to(self.device), condition)
+            if self.reference is not None:
+                out = self.prior.alignment_loss(self.reference, tokens.to(self.device), condition,
+                                                weight=cfg.cca_weight, beta=cfg.cca_beta)
+            else:
+                out = self.net(tokens.to(self.device), condition)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.optim.grad_clip > 0:
