@@ -44,7 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ar", required=True, help="AR prior directory (with --untrained: PRESET [key=value ...])")
     ap.add_argument("--mask", required=True, nargs="+",
-                    help="masked prior directories, one or more (with --untrained: \"PRESET [key=value ...]\" each)")
+                    help="masked prior directories, one or more (with --untrained: \"PRESET [key=value ...]\" each); an AR "
+                         "prior here (e.g. without guidance) is timed too and labelled as one")
     ap.add_argument("--untrained", action="store_true",
                     help="build the priors from presets with random weights instead of loading trained ones")
     ap.add_argument("--codebook-size", type=int, default=64, help="with --untrained (the benchmark's tokenizer: 64)")
@@ -60,11 +61,14 @@ def main() -> None:
     rows = []
     named = [("AR prior (KV cache)", args.ar)] + [
         ("masked prior" + ("" if len(args.mask) == 1 else f" {i + 1}"), path) for i, path in enumerate(args.mask)]
-    for name, path in named:
+    for i, (name, path) in enumerate(named):
         if args.untrained:
             prior, sampling = untrained_prior(path, args.codebook_size, args.grid, args.num_classes)
         else:
             prior, _, sampling = load_generator(path)
+        if i > 0 and prior.config.mode == "ar":  # an AR prior to compare too (e.g. without guidance): say so
+            name = name.replace("masked prior", "AR prior")
+            named[i] = (name, path)
         prior = prior.to(device)
         kwargs = sampling_kwargs(sampling, prior)
         for precision in ("fp32", "bf16"):

@@ -846,3 +846,19 @@ def test_alignment_loss_refuses_priors_without_exact_likelihoods_or_conditions()
     unconditional = tiny("ar")
     with pytest.raises(ValueError, match="needs conditions"):
         unconditional.alignment_loss(unconditional, x, None, weight=1.0, beta=0.1)
+
+
+def test_alignment_loss_linear_schedule_weights_tokens_by_decoding_progress():
+    # "linear" weights each token's log-ratio by the share of decoding done once it is drawn, as linear guidance does
+    ar, gc = tiny("ar", num_classes=3), group_causal(num_classes=3)
+    L = GRID[0] * GRID[1]
+    assert torch.allclose(ar._decoding_progress(), torch.arange(1, L + 1) / L)
+    for g, positions in enumerate(gc._halton_groups()):
+        assert torch.allclose(gc._decoding_progress()[positions], torch.tensor((g + 1) / len(gc._halton_groups())))
+    x, labels = grids(4), [0, 1, 2, 0]
+    per_token = gc.log_prob(x, labels).reshape(4, -1)
+    class_ids, _ = gc._encode_condition(labels, 4)
+    weighted = gc._sequence_log_prob(gc._check_tokens(x), class_ids, None, gc._decoding_progress())
+    assert torch.allclose(weighted, (per_token * gc._decoding_progress()).sum(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="schedule must be constant or linear"):
+        gc.alignment_loss(gc, x, labels, weight=1.0, beta=1.0, schedule="cosine")

@@ -885,13 +885,24 @@ class TokenPrior(PretrainedMixin, nn.Module):
         accuracy = (logits.argmax(-1) == targets).float().mean()
         return PriorOutput(loss, accuracy.detach(), int(targets.numel()))
 
-    def _sequence_log_prob(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
-        """log p(x | c) [B] of whole grids, with gradients (ar or group-causal: one teacher-forced pass)."""
+    def _sequence_log_prob(self, tokens: torch.Tensor, class_ids, text_ids,
+                           weights: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x | c) [B] of whole grids, with gradients (ar or group-causal: one teacher-forced pass); with
+        ``weights`` [L], the weighted sum of the tokens' log-probabilities."""
         log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
-        return log_probs.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+        per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        return per_token.sum(-1) if weights is None else per_token @ weights
+
+    def _decoding_progress(self) -> torch.Tensor:
+        """float [L]: the share of decoding steps done once each position is drawn (ar: (i + 1) / L; group-causal:
+        (g + 1) / G for its Halton group g), the factor by which a "linear" guidance schedule scales its guidance."""
+        if self.config.mode == "ar":
+            return torch.arange(1, self.config.seq_len + 1, device=self.device) / self.config.seq_len
+        return (self._group_index() + 1).float() / len(self._halton_groups())
 
     def alignment_loss(self, reference: "TokenPrior", indices: torch.Tensor, condition, *, weight: float,
-                       beta: float, generator: torch.Generator | None = None) -> PriorOutput:
+                       beta: float, schedule: str = "constant",
+                       generator: torch.Generator | None = None) -> PriorOutput:
         """Condition contrastive alignment (CCA; Chen et al. 2024, "Toward guidance-free AR visual generation"), a
         fine-tuning objective that teaches a conditional prior to sample as classifier-free guidance would, so that
         sampling needs no unconditional pass (half the rows of a guided batch). ``reference`` is the prior as
@@ -906,8 +917,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
         p(c|x)^(1/beta), which is what guidance at scale 1 + 1/beta does. So beta = 1 aims at scale 2, and
         ``weight`` must stay well below 1 / p(c) (10 for ten balanced classes): above it, every real grid, its own
         class's included, is pushed down, and the probability goes to grids that look like no data at all
-        (measured: weight 50 wrecked an MNIST prior in 50 steps). Needs exact grid likelihoods: ar or group-causal,
-        without ``group_mixture``."""
+        (measured: weight 50 wrecked an MNIST prior in 50 steps). ``schedule`` "linear" weights each token's
+        log-ratio by the share of decoding done once it is drawn (``_decoding_progress``), as the linear guidance
+        schedule scales guidance: the first tokens, which fix the layout, keep more of the reference's diversity.
+        Needs exact grid likelihoods: ar or group-causal, without ``group_mixture``."""
         c = self.config
         if not (c.mode == "ar" or c.group_causal) or self.mixture is not None:
             raise ValueError("alignment_loss needs an ar or group-causal prior without group_mixture (exact grid "
@@ -916,6 +929,9 @@ class TokenPrior(PretrainedMixin, nn.Module):
         class_ids, text_ids = self._encode_condition(condition, len(tokens))
         if class_ids is None and text_ids is None:
             raise ValueError("alignment_loss needs conditions (class labels or captions)")
+        if schedule not in ("constant", "linear"):
+            raise ValueError(f"alignment_loss: schedule must be constant or linear, got {schedule!r}")
+        weights = self._decoding_progress() if schedule == "linear" else None
         null_class, null_text = self._encode_condition(None, len(tokens))
         dropped = uniform((len(tokens),), generator, self.device) < c.cond_dropout
         order = torch.randperm(len(tokens), generator=generator, device="cpu").to(self.device)
@@ -935,10 +951,10 @@ class TokenPrior(PretrainedMixin, nn.Module):
         both = torch.cat([tokens, tokens])
         cat = (lambda a, b: None if a is None else torch.cat([a, b]))
         class_both, text_both = cat(class_pos, class_neg), cat(text_pos, text_neg)
-        log_p = self._sequence_log_prob(both, class_both, text_both)
+        log_p = self._sequence_log_prob(both, class_both, text_both, weights)
         with torch.no_grad():
             reference.train(self.training)  # the same dropout on both sides, so that the gaps start at zero
-            log_ref = reference._sequence_log_prob(both, class_both, text_both)
+            log_ref = reference._sequence_log_prob(both, class_both, text_both, weights)
         gap_pos, gap_neg = (log_p - log_ref).chunk(2)
         negative = ~(dropped | same)  # a real mismatch: pushed down; otherwise kept like a positive
         sign = torch.where(negative, -1.0, 1.0)

@@ -158,6 +158,7 @@ class PriorTrainConfig:
     # ``cca_beta`` its beta: the optimum is the reference guided at scale 1 + 1 / cca_beta.
     cca_weight: float = 0.0
     cca_beta: float = 1.0
+    cca_schedule: str = "constant"  # or linear: each token's log-ratio weighted as linear guidance scales it
     steps: int = 3000
     batch_size: int = 64
     seed: int = 0
@@ -189,6 +190,8 @@ class PriorTrainConfig:
         if self.cca_weight > 0 and not self.init_from:
             raise ValueError("cca_weight > 0 fine-tunes a trained prior against itself: give init_from=DIR (the "
                              "prior to align, kept frozen as the reference)")
+        if self.cca_schedule not in ("constant", "linear"):
+            raise ValueError(f"cca_schedule must be constant or linear, got {self.cca_schedule!r}")
         exact = (self.prior.mode == "ar" or self.prior.group_causal) and not self.prior.group_mixture
         if self.cca_weight > 0 and not exact:
             raise ValueError("cca_weight > 0 needs exact grid likelihoods: prior.mode=ar, or "

@@ -294,7 +294,8 @@ class PriorTask:
         with autocast_context(cfg, self.device):
             if self.reference is not None:
                 out = self.prior.alignment_loss(self.reference, tokens.to(self.device), condition,
-                                                weight=cfg.cca_weight, beta=cfg.cca_beta)
+                                                weight=cfg.cca_weight, beta=cfg.cca_beta,
+                                                schedule=cfg.cca_schedule)
             else:
                 out = self.net(tokens.to(self.device), condition)
         self.optimizer.zero_grad(set_to_none=True)
