@@ -838,6 +838,20 @@ def test_alignment_loss_makes_grids_likelier_under_their_own_class_than_under_ot
     assert all(p.grad is None for p in reference.parameters())
 
 
+def test_alignment_loss_with_captions_keeps_matching_captions_as_positives():
+    # text conditions: a shuffled caption equal to the grid's own (here every caption is the same) is no negative,
+    # so with the prior equal to its reference both terms are log 2 and nothing counts as a mismatch
+    prior = group_causal(text_vocab="bytes", max_text_len=12, dropout=0.0)
+    out = prior.train().alignment_loss(prior, grids(4), ["a red circle"] * 4, weight=1.0, beta=1.0,
+                                       generator=torch.Generator().manual_seed(0))
+    assert abs(float(out.loss) - 2 * math.log(2)) < 1e-5
+    assert float(out.accuracy) == 1.0  # no mismatched pair to score
+    mixed = prior.alignment_loss(prior, grids(4), ["a", "b", "c", "d"], weight=1.0, beta=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    mixed.loss.backward()
+    assert float(prior.text_emb.weight.grad.abs().sum()) > 0  # the captions take part in the objective
+
+
 def test_alignment_loss_refuses_priors_without_exact_likelihoods_or_conditions():
     x = grids(4)
     bidirectional = tiny("mask", num_classes=3)
