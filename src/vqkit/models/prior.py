@@ -931,10 +931,12 @@ class TokenPrior(PretrainedMixin, nn.Module):
             raise ValueError("alignment_loss needs conditions (class labels or captions)")
         if schedule not in ("constant", "linear"):
             raise ValueError(f"alignment_loss: schedule must be constant or linear, got {schedule!r}")
-        weights = self._decoding_progress() if schedule == "linear" else None
+        token_weights = self._decoding_progress() if schedule == "linear" else None
         null_class, null_text = self._encode_condition(None, len(tokens))
         dropped = uniform((len(tokens),), generator, self.device) < c.cond_dropout
-        order = torch.randperm(len(tokens), generator=generator, device="cpu").to(self.device)
+        # the generator's own device (a CUDA generator cannot draw on the host), then the prior's
+        order = torch.randperm(len(tokens), generator=generator,
+                               device=generator.device if generator is not None else self.device).to(self.device)
         same = torch.ones(len(tokens), dtype=torch.bool, device=self.device)
 
         def arrange(ids, null):  # (the given condition, a mismatched one), both null where dropped
@@ -949,17 +951,17 @@ class TokenPrior(PretrainedMixin, nn.Module):
         class_pos, class_neg = arrange(class_ids, null_class)
         text_pos, text_neg = arrange(text_ids, null_text)
         both = torch.cat([tokens, tokens])
-        cat = (lambda a, b: None if a is None else torch.cat([a, b]))
-        class_both, text_both = cat(class_pos, class_neg), cat(text_pos, text_neg)
-        log_p = self._sequence_log_prob(both, class_both, text_both, weights)
+        class_both = None if class_pos is None else torch.cat([class_pos, class_neg])
+        text_both = None if text_pos is None else torch.cat([text_pos, text_neg])
+        log_p = self._sequence_log_prob(both, class_both, text_both, token_weights)
         with torch.no_grad():
             reference.train(self.training)  # the same dropout on both sides, so that the gaps start at zero
-            log_ref = reference._sequence_log_prob(both, class_both, text_both, weights)
+            log_ref = reference._sequence_log_prob(both, class_both, text_both, token_weights)
         gap_pos, gap_neg = (log_p - log_ref).chunk(2)
         negative = ~(dropped | same)  # a real mismatch: pushed down; otherwise kept like a positive
         sign = torch.where(negative, -1.0, 1.0)
-        weights = torch.where(negative, weight, 1.0)
-        loss = -(F.logsigmoid(beta * gap_pos) + weights * F.logsigmoid(sign * beta * gap_neg)).mean()
+        row_weights = torch.where(negative, weight, 1.0)
+        loss = -(F.logsigmoid(beta * gap_pos) + row_weights * F.logsigmoid(sign * beta * gap_neg)).mean()
         loss = loss / max(weight, 1.0)  # keeps the step size of a large weight in check (as the paper's code does)
         with torch.no_grad():
             accuracy = (gap_pos > gap_neg)[negative].float().mean() if negative.any() else gap_pos.new_tensor(1.0)
