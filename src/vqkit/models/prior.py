@@ -885,12 +885,16 @@ class TokenPrior(PretrainedMixin, nn.Module):
         accuracy = (logits.argmax(-1) == targets).float().mean()
         return PriorOutput(loss, accuracy.detach(), int(targets.numel()))
 
+    def _teacher_forced_log_probs(self, tokens: torch.Tensor, class_ids, text_ids) -> torch.Tensor:
+        """log p(x_i | what precedes i) [B, L] in one teacher-forced pass (ar or group-causal), with gradients."""
+        log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
+        return log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+
     def _sequence_log_prob(self, tokens: torch.Tensor, class_ids, text_ids,
                            weights: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x | c) [B] of whole grids, with gradients (ar or group-causal: one teacher-forced pass); with
         ``weights`` [L], the weighted sum of the tokens' log-probabilities."""
-        log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
-        per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        per_token = self._teacher_forced_log_probs(tokens, class_ids, text_ids)
         return per_token.sum(-1) if weights is None else per_token @ weights
 
     def _decoding_progress(self) -> torch.Tensor:
@@ -998,8 +1002,7 @@ class TokenPrior(PretrainedMixin, nn.Module):
             if self.mixture is not None:
                 per_token = self._mixture_chain_log_prob(tokens, class_ids, text_ids)
             elif self.config.mode == "ar" or self.config.group_causal:
-                log_probs = self._image_logits(tokens, class_ids, text_ids).float().log_softmax(-1)
-                per_token = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+                per_token = self._teacher_forced_log_probs(tokens, class_ids, text_ids)
             elif self.config.train_masks == "halton":
                 per_token = self._group_chain_log_prob(tokens, class_ids, text_ids)
             else:
